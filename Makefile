@@ -1,0 +1,25 @@
+# The two commands the README opens with: `make demo` and `make test`.
+# Both create (once) and reuse the virtual environment in .venv/.
+PY := .venv/bin/python
+STAMP := .venv/.installed
+
+.PHONY: demo test test-slow lint venv
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q -e '.[dev]' > .venv/install.log 2>&1 || { cat .venv/install.log; exit 1; }
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m idap_fx.demo
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: lint
+	$(PY) -m pytest -q -n 2
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -n 2 -m slow

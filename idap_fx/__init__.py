@@ -1,0 +1,35 @@
+"""idap_fx: graph-level structured pruning for PyTorch.
+
+trace -> analyze -> score -> rewrite -> export -> check.
+"""
+
+from idap_fx.analysis import analyze
+from idap_fx.dependency import ChannelGroup, DependencyGraph, GroupMember
+from idap_fx.errors import (
+    AnalysisError,
+    BudgetError,
+    ExportError,
+    IdapError,
+    ParityError,
+    PlanError,
+    TraceError,
+)
+from idap_fx.surgery import mask, prune
+from idap_fx.trace import trace
+
+__all__ = [
+    "AnalysisError",
+    "BudgetError",
+    "ChannelGroup",
+    "DependencyGraph",
+    "ExportError",
+    "GroupMember",
+    "IdapError",
+    "ParityError",
+    "PlanError",
+    "TraceError",
+    "analyze",
+    "mask",
+    "prune",
+    "trace",
+]

@@ -1,0 +1,57 @@
+"""Element-wise ops: channels pass straight through; several tensor inputs are coupled.
+
+Broadcasting lines dims up from the right, so a residual ``x + f(x)``, an SE gate
+``x * s[:, :, None, None]`` or a layer-scale ``gamma * x`` couple channel ``i`` of
+every input.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from idap_fx.layout import Layout
+from idap_fx.ops.merge import Operand, merge, to_layout
+from idap_fx.ops.registry import register
+
+UNARY_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh,
+    nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.Identity,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+)  # fmt: skip
+FUNCTIONS = (
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow, operator.iadd,
+    operator.isub, operator.imul, operator.itruediv,
+    torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum, torch.where, torch.relu,
+    torch.sigmoid, torch.tanh, torch.exp, torch.sqrt, torch.rsqrt, torch.abs, torch.neg, torch.clamp,
+    torch.clip, torch.erf, torch.pow, torch.square, torch.sign, torch.nan_to_num,
+    F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.leaky_relu, F.elu,
+    F.selu, F.celu, F.mish, F.softplus, F.hardtanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+    F.alpha_dropout,
+)  # fmt: skip
+METHODS = (
+    "add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "relu", "relu_", "sigmoid", "sigmoid_",
+    "tanh", "tanh_", "exp", "sqrt", "rsqrt", "abs", "neg", "clamp", "clamp_", "clip", "pow", "square",
+    "contiguous", "clone", "detach", "float", "half", "double", "bfloat16", "to", "type", "type_as",
+    "masked_fill", "masked_fill_", "where", "maximum", "minimum", "erf", "sign", "nan_to_num",
+)  # fmt: skip
+
+
+@register(*UNARY_MODULES, *FUNCTIONS, *METHODS)
+def _elementwise(ctx, node: fx.Node) -> Layout:
+    """Couple every tensor input, broadcast from the right, into the output's dims."""
+    out = ctx.shape(node)
+    nd = len(out)
+    operands = []
+    for arg in node.all_input_nodes:
+        value = ctx.value(arg)
+        if isinstance(value, Layout):
+            shape = ctx.shape(arg)
+            off = nd - len(shape)
+            if off < 0:
+                raise ValueError("input has more dims than the output")
+            operands.append(Operand(value, shape, {d: d + off for d in range(len(shape))}))
+    return to_layout(nd, merge(ctx.coupling, node.name, operands), {d: d for d in range(nd)})

@@ -1,0 +1,166 @@
+"""Parametric layers: where channel spaces open (conv/linear outputs) and are consumed.
+
+Grouped convolutions keep their groups balanced: a unit is one in-group position in
+every group (or, for depthwise convs, one whole group: input channel + its outputs).
+Normalisation layers slice their per-channel parameters; LayerNorm/GroupNorm over
+channels also mark the group inexact (their statistics change when channels go).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch.nn.functional as F
+from torch import fx, nn
+from torchvision.ops import stochastic_depth
+
+from idap_fx.layout import Axis, Layout
+from idap_fx.ops.merge import _collapse
+from idap_fx.ops.registry import register
+
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+INSTANCENORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
+def _channel_axis(ctx, node: fx.Node, lay: Layout, dim: int) -> np.ndarray | None:
+    """The 1-D ids on ``dim``; other carried dims are frozen (this layer does not map them)."""
+    ids = None
+    for ax in lay.axes:
+        if ax.dims == (dim,):
+            ids = ax.ids
+        else:
+            ctx.coupling.freeze(ax.ids, f"{node.name}: channels on a dim the layer does not map")
+    return ids
+
+
+@register(*CONVS)
+def _conv(ctx, node: fx.Node) -> Layout:
+    mod = ctx.module(node)
+    lay = ctx.layout(node.args[0])
+    in_ids = _channel_axis(ctx, node, lay, 1)
+    g = mod.groups
+    per_in, per_out = mod.in_channels // g, mod.out_channels // g
+    out_ids = ctx.coupling.new_space(node.name, mod.out_channels)
+    ctx.param(node, "weight", 0, "out", out_ids)
+    ctx.param(node, "bias", 0, "out", out_ids)
+    if g > 1 and per_in == 1:
+        # depthwise (x multiplier): a unit is one group, its input channel and its outputs
+        _collapse(ctx.coupling, out_ids.reshape(g, per_out), [1], node.name)
+        if in_ids is None:
+            ctx.coupling.freeze(out_ids, f"{node.name}: depthwise conv over fixed input channels")
+        else:
+            ctx.coupling.union(np.repeat(in_ids, per_out), out_ids, node.name)
+    elif g > 1:
+        _collapse(ctx.coupling, out_ids.reshape(g, per_out), [0], node.name)
+        if in_ids is not None:
+            _collapse(ctx.coupling, in_ids.reshape(g, per_in), [0], node.name)
+            ctx.param(node, "weight", 1, "in", in_ids[:per_in])
+    elif in_ids is not None:
+        ctx.param(node, "weight", 1, "in", in_ids)
+    return Layout(lay.ndim, (Axis((1,), out_ids),))
+
+
+@register(nn.Linear)
+def _linear(ctx, node: fx.Node) -> Layout:
+    mod = ctx.module(node)
+    lay = ctx.layout(node.args[0])
+    last = lay.ndim - 1
+    keep = []
+    for ax in lay.axes:
+        if ax.dims == (last,):
+            ctx.param(node, "weight", 1, "in", ax.ids)
+        elif last in ax.dims:
+            ctx.coupling.freeze(ax.ids, f"{node.name}: linear over a multi-dim channel axis")
+        else:
+            keep.append(ax)
+    out_ids = ctx.coupling.new_space(node.name, mod.out_features)
+    ctx.param(node, "weight", 0, "out", out_ids)
+    ctx.param(node, "bias", 0, "out", out_ids)
+    return Layout(lay.ndim, (*keep, Axis((last,), out_ids)))
+
+
+@register(*BATCHNORMS, *INSTANCENORMS)
+def _channel_norm(ctx, node: fx.Node) -> Layout:
+    lay = ctx.layout(node.args[0])
+    ax = lay.axis_of(1)
+    if ax is not None and ax.dims != (1,):
+        raise ValueError("channel dim is part of a multi-dim axis")
+    if ax is not None:
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            ctx.param(node, attr, 0, "chan", ax.ids)
+    return lay
+
+
+def _norm_last(ctx, node: fx.Node, lay: Layout, k: int, weight_attrs: bool) -> Layout:
+    """LayerNorm over the last ``k`` dims: slice its affine params, mark the channels inexact."""
+    first = lay.ndim - k
+    for ax in lay.axes:
+        inside = [d for d in ax.dims if d >= first]
+        if not inside:
+            continue
+        if len(ax.dims) > 1:
+            raise ValueError("normalised dims hold a multi-dim channel axis")
+        ctx.coupling.inexact(ax.ids, f"{node.name}: LayerNorm statistics span the channels")
+        if weight_attrs:
+            ctx.param(node, "weight", ax.dims[0] - first, "chan", ax.ids)
+            ctx.param(node, "bias", ax.dims[0] - first, "chan", ax.ids)
+    return lay
+
+
+@register(nn.LayerNorm)
+def _layer_norm(ctx, node: fx.Node) -> Layout:
+    mod = ctx.module(node)
+    return _norm_last(ctx, node, ctx.layout(node.args[0]), len(mod.normalized_shape), True)
+
+
+@register(F.layer_norm, fix="layer_norm")
+def _layer_norm_fn(ctx, node: fx.Node) -> Layout:
+    """``F.layer_norm(x, shape, weight, bias)`` with weight/bias from get_attr nodes."""
+    from idap_fx.ops.elementwise import _elementwise
+
+    shape = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
+    _norm_last(ctx, node, ctx.layout(node.args[0]), len(shape), False)
+    return _elementwise(ctx, node)  # couples the weight/bias get_attr tensors with the channels
+
+
+@register(nn.GroupNorm)
+def _group_norm(ctx, node: fx.Node) -> Layout:
+    mod = ctx.module(node)
+    lay = ctx.layout(node.args[0])
+    ax = lay.axis_of(1)
+    if ax is None:
+        return lay
+    if ax.dims != (1,):
+        raise ValueError("channel dim is part of a multi-dim axis")
+    _collapse(ctx.coupling, ax.ids.reshape(mod.num_groups, -1), [0], node.name)
+    ctx.coupling.inexact(ax.ids, f"{node.name}: GroupNorm statistics span the channels")
+    ctx.param(node, "weight", 0, "chan", ax.ids)
+    ctx.param(node, "bias", 0, "chan", ax.ids)
+    return lay
+
+
+@register(nn.PReLU)
+def _prelu(ctx, node: fx.Node) -> Layout:
+    mod = ctx.module(node)
+    lay = ctx.layout(node.args[0])
+    if mod.num_parameters > 1:
+        ax = lay.axis_of(1)
+        if ax is None or ax.dims != (1,):
+            raise ValueError("per-channel PReLU over non-channel dim")
+        ctx.param(node, "weight", 0, "chan", ax.ids)
+    return lay
+
+
+@register(stochastic_depth)
+def _stochastic_depth(ctx, node: fx.Node) -> Layout:
+    """Identity in eval, a per-sample scale in training: channels pass through."""
+    return ctx.layout(node.args[0])
+
+
+@register(nn.Embedding)
+def _embedding(ctx, node: fx.Node) -> Layout:
+    mod = ctx.module(node)
+    lay = ctx.layout(node.args[0])
+    out_ids = ctx.coupling.new_space(node.name, mod.embedding_dim)
+    ctx.param(node, "weight", 1, "out", out_ids)
+    return Layout(lay.ndim + 1, (*lay.axes, Axis((lay.ndim,), out_ids)))

@@ -1,0 +1,89 @@
+"""The op-semantics registry: how each op maps channel indices from inputs to outputs.
+
+Rules are keyed by module type (``call_module``), function object (``call_function``)
+or method name (``call_method``). A rule reads the layouts of the node's inputs from a
+``RuleContext`` and returns the output's layout, recording couplings, parameter
+members and frozen channels on the way. ``fix`` names how the rewrite must update the
+node's own arguments when widths change (see ``idap_fx.surgery``). An op with no rule
+is a boundary: the analyzer freezes every channel it touches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+Propagate = Callable[[Any, fx.Node], Any]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One op's semantics: ``propagate(ctx, node) -> output value``, and the arg fixer name."""
+
+    name: str
+    propagate: Propagate
+    fix: str | None = None
+
+
+MODULE_RULES: dict[type, Rule] = {}
+FUNCTION_RULES: dict[Callable, Rule] = {}
+METHOD_RULES: dict[str, Rule] = {}
+
+
+def register(*keys: type | Callable | str, fix: str | None = None) -> Callable[[Propagate], Propagate]:
+    """Decorator: register ``fn`` as the rule for every key (module type, function or method name)."""
+
+    def deco(fn: Propagate) -> Propagate:
+        for key in keys:
+            rule = Rule(fn.__name__.lstrip("_"), fn, fix)
+            if isinstance(key, str):
+                METHOD_RULES[key] = rule
+            elif isinstance(key, type):
+                MODULE_RULES[key] = rule
+            else:
+                FUNCTION_RULES[key] = rule
+        return fn
+
+    return deco
+
+
+def lookup(node: fx.Node, gm: fx.GraphModule) -> Rule | None:
+    """The rule for ``node`` or ``None`` (a boundary).
+
+    A module subclass only inherits its parent's rule when it does not override
+    ``forward``: a custom forward is unknown code.
+    """
+    if node.op == "call_function":
+        return FUNCTION_RULES.get(node.target)
+    if node.op == "call_method":
+        return METHOD_RULES.get(node.target)
+    if node.op == "call_module":
+        mod_type = type(gm.get_submodule(node.target))
+        if mod_type in MODULE_RULES:
+            return MODULE_RULES[mod_type]
+        for base in mod_type.__mro__[1:]:
+            if base in MODULE_RULES and mod_type.forward is base.forward:
+                return MODULE_RULES[base]
+            if base is nn.Module:
+                break
+    return None
+
+
+def is_tensor_meta(meta: object) -> bool:
+    """Whether a ShapeProp ``tensor_meta`` entry describes a single tensor."""
+    return hasattr(meta, "shape") and hasattr(meta, "dtype")
+
+
+def meta_shape(node: fx.Node) -> tuple[int, ...] | None:
+    """The static shape ShapeProp recorded for ``node``, if it is a tensor."""
+    meta = node.meta.get("tensor_meta")
+    if is_tensor_meta(meta):
+        return tuple(int(s) for s in meta.shape)
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return tuple(int(s) for s in val.shape)
+    return None
