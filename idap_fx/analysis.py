@@ -57,11 +57,12 @@ class RuleContext:
 
     def param(self, node: fx.Node, attr: str, dim: int, role: str, ids: np.ndarray) -> None:
         """Record that ``<module of node>.<attr>`` holds ``ids`` along ``dim`` (skipped if absent)."""
-        owner = node.target if node.op == "call_module" else ""
-        tensor = getattr(self.gm.get_submodule(owner), attr, None) if owner else None
+        if node.op != "call_module":
+            return
+        path, _, leaf = f"{node.target}.{attr}".rpartition(".")
+        tensor = getattr(self.gm.get_submodule(path), leaf, None)
         if isinstance(tensor, torch.Tensor):
-            name = f"{owner}.{attr}" if owner else attr
-            self.coupling.member(node.name, name, id(tensor), dim, role, ids)
+            self.coupling.member(node.name, f"{path}.{leaf}", id(tensor), dim, role, ids)
 
     def freeze_layout(self, layout: Any, reason: str) -> None:
         """Freeze every channel in a value (layouts nested in tuples too)."""

@@ -21,6 +21,7 @@ from torch import fx, nn
 from idap_fx.analysis import analyze
 from idap_fx.dependency import DependencyGraph, Plan
 from idap_fx.layout import Layout
+from idap_fx.modules import PrunedMultiheadAttention
 from idap_fx.ops.layers import BATCHNORMS, CONVS, INSTANCENORMS
 from idap_fx.ops.registry import is_tensor_meta, lookup
 
@@ -85,6 +86,10 @@ class _Rewrite:
                 continue
             done.add(node.target)
             mod = self.gm.get_submodule(node.target)
+            if isinstance(mod, (nn.MultiheadAttention, PrunedMultiheadAttention)):
+                head_dim = getattr(mod, "head_dim", None) or mod.embed_dim // mod.num_heads
+                self.gm.set_submodule(node.target, PrunedMultiheadAttention.from_mha(mod, head_dim))
+                continue
             for types, fix in _MODULE_FIXERS:
                 if isinstance(mod, types):
                     fix(self, node, mod)

@@ -8,12 +8,15 @@ channels also mark the group inexact (their statistics change when channels go).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch.nn.functional as F
 from torch import fx, nn
 from torchvision.ops import stochastic_depth
 
 from idap_fx.layout import Axis, Layout
+from idap_fx.modules import PrunedMultiheadAttention
 from idap_fx.ops.merge import _collapse
 from idap_fx.ops.registry import register
 
@@ -164,3 +167,37 @@ def _embedding(ctx, node: fx.Node) -> Layout:
     out_ids = ctx.coupling.new_space(node.name, mod.embedding_dim)
     ctx.param(node, "weight", 1, "out", out_ids)
     return Layout(lay.ndim + 1, (*lay.axes, Axis((lay.ndim,), out_ids)))
+
+
+@register(nn.MultiheadAttention, PrunedMultiheadAttention)
+def _attention(ctx, node: fx.Node) -> tuple[Layout, Any]:
+    """Self-attention: units are whole heads (q, k, v rows and out_proj columns); input and output widths too."""
+    mod = ctx.module(node)
+    args = list(node.args[:3]) + [node.kwargs.get(k) for k in ("query", "key", "value")[len(node.args) :]]
+    if not (args[0] is args[1] is args[2]):
+        raise ValueError("query, key and value are different tensors")
+    if getattr(mod, "bias_k", None) is not None or getattr(mod, "add_zero_attn", False):
+        raise ValueError("bias_k / add_zero_attn")
+    if not getattr(mod, "_qkv_same_embed_dim", True):
+        raise ValueError("separate q/k/v projection weights")
+    lay = ctx.layout(args[0])
+    in_ids = _channel_axis(ctx, node, lay, lay.ndim - 1)
+    head_dim = getattr(mod, "head_dim", None) or mod.embed_dim // mod.num_heads
+    width = mod.in_proj_weight.shape[0] // 3
+    heads = ctx.coupling.new_space(node.name, width, "heads")
+    _collapse(ctx.coupling, heads.reshape(width // head_dim, head_dim), [1], node.name)
+    qkv = np.concatenate([heads, heads, heads])
+    ctx.param(node, "in_proj_weight", 0, "out", qkv)
+    ctx.param(node, "in_proj_bias", 0, "out", qkv)
+    if in_ids is not None:
+        ctx.param(node, "in_proj_weight", 1, "in", in_ids)
+    ctx.param(node, "out_proj.weight", 1, "in", heads)
+    out_ids = ctx.coupling.new_space(node.name, mod.out_proj.weight.shape[0])
+    ctx.param(node, "out_proj.weight", 0, "out", out_ids)
+    ctx.param(node, "out_proj.bias", 0, "out", out_ids)
+    out = Layout(lay.ndim, (Axis((lay.ndim - 1,), out_ids),))
+    weights_meta = node.meta["tensor_meta"][1]
+    weights = None
+    if weights_meta is not None:
+        weights = ctx.frozen_fresh(node, tuple(weights_meta.shape), f"{node.name}: attention weights")
+    return out, weights

@@ -1,0 +1,99 @@
+"""Shared test helpers: random pruning plans, the oracle's error measure, model fingerprints."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import idap_fx
+
+
+def random_plan(dg: idap_fx.DependencyGraph, ratio: float = 0.3, seed: int = 0) -> dict[str, list[int]]:
+    """Remove ``ratio`` of the units of every prunable group, chosen at random (reproducible by ``seed``).
+
+    Every group keeps at least one unit, and so does every part in ``group.parts`` (the
+    split/chunk pieces each consumed by its own layer): a fully removed part gets one
+    unit back. Groups that would lose nothing are left out of the plan.
+    """
+    rng = np.random.default_rng(seed)
+    plan: dict[str, list[int]] = {}
+    for g in dg.prunable:
+        k = min(int(round(ratio * g.size)), g.size - 1)
+        if k <= 0:
+            continue
+        removed = {int(i) for i in rng.choice(g.size, size=k, replace=False)}
+        for part in getattr(g, "parts", None) or []:
+            units = [int(u) for u in np.asarray(part).ravel()]
+            if units and all(u in removed for u in units):
+                removed.discard(int(rng.choice(units)))
+        if removed:
+            plan[g.id] = sorted(removed)
+    return plan
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, Iterable) and not isinstance(value, (str, bytes)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def rel_err(a: Any, b: Any) -> float:
+    """Max abs difference over max abs value (of both), across every tensor in two matching outputs."""
+    ta, tb = _tensors(a), _tensors(b)
+    assert len(ta) == len(tb), f"outputs hold {len(ta)} vs {len(tb)} tensors"
+    diff, scale = 0.0, 0.0
+    for x, y in zip(ta, tb, strict=True):
+        assert x.shape == y.shape, f"shape {tuple(x.shape)} vs {tuple(y.shape)}"
+        x, y = x.detach().double(), y.detach().double()
+        if x.numel() == 0:
+            continue
+        d = (x - y).abs().max().item()
+        diff = max(diff, d if not math.isnan(d) else math.inf)
+        scale = max(scale, x.abs().max().item(), y.abs().max().item())
+    if diff == 0.0:
+        return 0.0
+    return diff / scale if scale > 0 else math.inf
+
+
+def out_shapes(value: Any) -> list[tuple[int, ...]]:
+    """The shapes of every tensor in a (possibly nested) model output."""
+    return [tuple(t.shape) for t in _tensors(value)]
+
+
+def state_hash(module: nn.Module) -> str:
+    """sha256 over the state dict (names, dtypes, shapes and raw bytes): a bit-exact fingerprint."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        flat = t.detach().cpu().contiguous().reshape(-1)
+        if flat.numel():
+            h.update(flat.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def expected_param_shapes(
+    gm: nn.Module, expected: Mapping[str, tuple[tuple[int, int], ...]]
+) -> dict[str, tuple[int, ...]]:
+    """Every state-dict tensor's shape once ``expected`` (``dg.expected_numel(plan)``) is applied."""
+    shapes = {}
+    for name, t in gm.state_dict(keep_vars=True).items():
+        shape = list(t.shape)
+        for dim, kept in expected.get(name, ()):
+            shape[dim] = kept
+        shapes[name] = tuple(shape)
+    return shapes
+
+
+def plan_is_exact(dg: idap_fx.DependencyGraph, plan: Mapping[str, Any]) -> bool:
+    """Whether every group the plan touches is exact (the prune == mask oracle applies)."""
+    return all(dg.group(gid).exact for gid, idx in plan.items() if len(idx))
