@@ -14,6 +14,8 @@ from idap_fx.errors import (
     PlanError,
     TraceError,
 )
+from idap_fx.optimize import OptimizeReport, OptimizeResult, optimize
+from idap_fx.scoring import score
 from idap_fx.surgery import mask, prune
 from idap_fx.trace import trace
 
@@ -25,11 +27,15 @@ __all__ = [
     "ExportError",
     "GroupMember",
     "IdapError",
+    "OptimizeReport",
+    "OptimizeResult",
     "ParityError",
     "PlanError",
     "TraceError",
     "analyze",
     "mask",
+    "optimize",
     "prune",
+    "score",
     "trace",
 ]

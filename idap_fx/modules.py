@@ -81,7 +81,7 @@ class PrunedMultiheadAttention(nn.Module):
         q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
         b, lq, ls = q.shape[0], q.shape[1], k.shape[1]
         q, k, v = (t.reshape(b, -1, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        mask = _additive_mask(attn_mask, key_padding_mask, q.dtype, b, lq, ls, is_causal)
+        mask = additive_mask(attn_mask, key_padding_mask, q.dtype, b, lq, ls, is_causal)
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
         if mask is not None:
             scores = scores + mask
@@ -95,7 +95,7 @@ class PrunedMultiheadAttention(nn.Module):
         return out, weights.mean(1) if average_attn_weights else weights
 
 
-def _additive_mask(
+def additive_mask(
     attn_mask: torch.Tensor | None,
     key_padding_mask: torch.Tensor | None,
     dtype: torch.dtype,
