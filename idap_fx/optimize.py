@@ -314,8 +314,8 @@ def optimize(
     t0 = time.perf_counter()
     try:
         result = PassManager(passes=pass_objs)(working)
-    except KeyboardInterrupt:
-        raise
+    except Exception as exc:  # PassManager wraps every failure in a bare Exception: surface the real one
+        raise (exc.__cause__ if isinstance(exc.__cause__, Exception) else exc) from None
     finally:
         phases["passes"] = time.perf_counter() - t0
     model = result.graph_module
