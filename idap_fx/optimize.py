@@ -132,7 +132,7 @@ class OptimizeResult:
         """ONNX Runtime latency, original vs optimized, in one run (see ``idap_fx.check_latency``)."""
         from idap_fx.latency import check_latency
 
-        kwargs.setdefault("macs_ratio", self.report.macs_ratio)
+        kwargs.setdefault("macs", (self.report.macs_before, self.report.macs_after))
         return check_latency(self.original, self.model, self.example_inputs, **kwargs)
 
 
@@ -212,7 +212,7 @@ def optimize(
     min_channels: int = 1,
     round_to: int = 1,
     prune_inexact: bool = False,
-    compensation: bool | None = None,
+    compensation: bool = True,
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     max_skips: int = 5,
     tau_layer: float | None = None,
@@ -341,7 +341,7 @@ def _latency_stop(
     def check(model: fx.GraphModule) -> str | None:
         from idap_fx.latency import check_latency
 
-        rep = check_latency(original, model, inputs, runs=20, warmup=3)
+        rep = check_latency(original, model, inputs, repeats=20, warmup=3)
         if rep.optimized_median_ms <= target_ms:
             return f"latency target reached ({rep.optimized_median_ms:.2f} ms <= {target_ms} ms)"
         return None

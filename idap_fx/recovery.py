@@ -169,7 +169,7 @@ def distill(
     train_loader: Iterable[Any],
     *,
     steps: int | None = None,
-    lr: float = 1e-3,
+    lr: float = 1e-4,
     weight_decay: float = 1e-4,
     feature_weight: float = 0.5,
     progress: Callable[[Iterable[Any]], Iterable[Any]] = lambda it: it,
@@ -186,8 +186,12 @@ def distill(
     if dist.is_available() and dist.is_initialized():
         runner = DistributedDataParallel(tapped_s)
     opt = torch.optim.AdamW(train_module.parameters(), lr=lr, weight_decay=weight_decay)
-    student.train()
     tapped_s.train()
+    for (
+        m
+    ) in tapped_s.modules():  # BatchNorm statistics stay frozen: short runs on small batches would ruin them
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
     teacher.eval()
     batches = _loader(train_loader)
     iterator = itertools.islice(batches, steps) if steps is not None else batches

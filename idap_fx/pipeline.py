@@ -1,0 +1,170 @@
+"""The end-to-end job a deployment pipeline runs: optimize → export ONNX → check parity and latency → report.
+
+Used by the ``idap-fx optimize`` command and by the README's demo. Every output file
+(ONNX model, JSON and Markdown reports) is written atomically, and only after the
+whole job succeeded; under ``torch.distributed`` only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from idap_fx.errors import ExportError
+from idap_fx.export import atomic_output, export_onnx
+from idap_fx.latency import check_latency
+from idap_fx.optimize import OptimizeResult, optimize
+
+
+@dataclass
+class JobSummary:
+    """Figures of one run, as printed in the final table and stored in the JSON report."""
+
+    macs: tuple[int, int]
+    params: tuple[int, int]
+    onnx_bytes: tuple[int, int]
+    latency_ms: tuple[float, float] | None
+    speedup: float | None
+    parity_rel_error: float
+    top1_agreement: float | None
+    threads: int
+
+
+def top1_agreement(
+    original: nn.Module, optimized: nn.Module, batches: Sequence[torch.Tensor]
+) -> float | None:
+    """Fraction of samples where both models' argmax agree (None for non-classifier outputs)."""
+    agree = total = 0
+    with torch.no_grad():
+        for b in batches:
+            a, o = original(b), optimized(b)
+            if not (isinstance(a, torch.Tensor) and a.dim() == 2):
+                return None
+            agree += int((a.argmax(1) == o.argmax(1)).sum())
+            total += a.shape[0]
+    return agree / total if total else None
+
+
+def _check_writable(path: str | os.PathLike[str] | None) -> None:
+    if path is None:
+        return
+    directory = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if not os.path.isdir(directory):
+        raise ExportError(f"cannot write {path}: directory {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise ExportError(f"cannot write {path}: directory {directory} is not writable")
+
+
+def run_job(
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    *,
+    out: str | os.PathLike[str] | None,
+    report: str | os.PathLike[str] | None,
+    check_batches: Sequence[torch.Tensor] = (),
+    latency: bool = True,
+    opset: int | None = None,
+    **optimize_kwargs: Any,
+) -> tuple[OptimizeResult, JobSummary]:
+    """Optimize ``model``, export it to ``out``, measure it, write the reports; return result and summary.
+
+    Output paths are validated before any work, so a bad path fails in a second.
+    """
+    _check_writable(out)
+    _check_writable(report)
+    res = optimize(model, example_inputs, **optimize_kwargs)
+    x = res.example_inputs
+    with tempfile.TemporaryDirectory(prefix="idap_fx_job_") as tmp:
+        orig_export = export_onnx(res.original, x, os.path.join(tmp, "original.onnx"), opset=opset)
+        opt_export = export_onnx(res.model, x, os.path.join(tmp, "optimized.onnx"), opset=opset)
+        lat = (
+            check_latency(
+                orig_export.path, opt_export.path, x, macs=(res.report.macs_before, res.report.macs_after)
+            )
+            if latency
+            else None
+        )
+        summary = JobSummary(
+            macs=(res.report.macs_before, res.report.macs_after),
+            params=(res.report.params_before, res.report.params_after),
+            onnx_bytes=(orig_export.onnx_bytes, opt_export.onnx_bytes),
+            latency_ms=(lat.original_median_ms, lat.optimized_median_ms) if lat else None,
+            speedup=lat.speedup if lat else None,
+            parity_rel_error=opt_export.max_rel_error,
+            top1_agreement=top1_agreement(res.original, res.model, check_batches) if check_batches else None,
+            threads=lat.threads if lat else 0,
+        )
+        if report is not None:
+            data = res.report.to_dict() | {"job": summary.__dict__, "latency": lat.to_dict() if lat else None}
+            with atomic_output(report) as tmp_report, open(tmp_report, "w") as f:
+                json.dump(data, f, indent=2, default=str)
+            md = os.path.splitext(os.fspath(report))[0] + ".md"
+            with atomic_output(md) as tmp_md, open(tmp_md, "w") as f:
+                f.write(res.report.to_markdown() + "\n" + _summary_markdown(summary))
+        if out is not None:
+            with atomic_output(out) as tmp_out:
+                os.replace(opt_export.path, tmp_out)
+    return res, summary
+
+
+def _summary_markdown(s: JobSummary) -> str:
+    rows = [
+        "| | original | optimized |",
+        "|---|---|---|",
+        f"| MACs | {s.macs[0]:,} | {s.macs[1]:,} |",
+        f"| params | {s.params[0]:,} | {s.params[1]:,} |",
+        f"| ONNX bytes | {s.onnx_bytes[0]:,} | {s.onnx_bytes[1]:,} |",
+    ]
+    if s.latency_ms:
+        rows.append(
+            f"| ORT latency (median, {s.threads} thread) | {s.latency_ms[0]:.2f} ms | {s.latency_ms[1]:.2f} ms |"
+        )
+        rows.append(f"| speed-up | | {s.speedup:.2f}x |")
+    rows.append(f"| ONNX parity (max rel. error) | | {s.parity_rel_error:.2e} |")
+    if s.top1_agreement is not None:
+        rows.append(f"| top-1 agreement with original | | {100 * s.top1_agreement:.1f} % |")
+    return "\n".join(rows) + "\n"
+
+
+def summary_table(s: JobSummary, title: str = "idap_fx") -> Any:
+    """The final rich table."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    t.add_column("")
+    t.add_column("original", justify="right")
+    t.add_column("optimized", justify="right")
+    t.add_column("ratio", justify="right")
+    t.add_row(
+        "MACs", f"{s.macs[0] / 1e6:,.1f} M", f"{s.macs[1] / 1e6:,.1f} M", f"{s.macs[1] / s.macs[0]:.3f}"
+    )
+    t.add_row(
+        "params",
+        f"{s.params[0] / 1e6:,.2f} M",
+        f"{s.params[1] / 1e6:,.2f} M",
+        f"{s.params[1] / s.params[0]:.3f}",
+    )
+    t.add_row(
+        "ONNX size",
+        f"{s.onnx_bytes[0] / 1e6:,.2f} MB",
+        f"{s.onnx_bytes[1] / 1e6:,.2f} MB",
+        f"{s.onnx_bytes[1] / s.onnx_bytes[0]:.3f}",
+    )
+    if s.latency_ms:
+        t.add_row(
+            f"ORT latency ({s.threads} thr, median)",
+            f"{s.latency_ms[0]:.2f} ms",
+            f"{s.latency_ms[1]:.2f} ms",
+            f"{s.speedup:.2f}x faster",
+        )
+    t.add_row("ONNX parity (max rel err)", "", f"{s.parity_rel_error:.1e}", "")
+    if s.top1_agreement is not None:
+        t.add_row("top-1 agreement", "", f"{100 * s.top1_agreement:.1f} %", "")
+    return t
