@@ -205,3 +205,14 @@ def test_result_exports_to_onnx_and_runs(tmp_path) -> None:
         ref = res.model(x).numpy()
     assert out.shape == (1, 1000)
     assert abs(out - ref).max() <= 1e-4 * max(1.0, abs(ref).max())
+
+
+def test_latency_target_stops_pruning_when_met() -> None:
+    model = _tiny()
+    x = torch.randn(1, 3, 16, 16)
+    res = idap_fx.optimize(model, x, target_latency=1e6, budget=None, quiet=True)
+    assert len(res.report.steps) == 1  # any model meets a 1000 s latency: stop after the first step
+    assert "latency target reached" in res.report.stop_reason
+    lat = res.check_latency(repeats=5, warmup=1)
+    assert lat.threads == 1 and lat.original_median_ms > 0 and lat.optimized_median_ms > 0
+    assert lat.macs_ratio == pytest.approx(res.report.macs_before / res.report.macs_after)
