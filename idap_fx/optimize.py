@@ -313,7 +313,11 @@ def optimize(
             )
     t0 = time.perf_counter()
     try:
-        result = PassManager(passes=pass_objs)(working)
+        with (
+            torch.random.fork_rng()
+        ):  # reproducible (adapter init, shuffles) without touching the caller's RNG
+            torch.manual_seed(seed)
+            result = PassManager(passes=pass_objs)(working)
     except Exception as exc:  # PassManager wraps every failure in a bare Exception: surface the real one
         raise (exc.__cause__ if isinstance(exc.__cause__, Exception) else exc) from None
     finally:
