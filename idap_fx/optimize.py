@@ -151,6 +151,9 @@ def _fraction(name: str, value: float | None) -> float | None:
 def _batches(
     calibration: Iterable[Any] | None, example_inputs: tuple[Any, ...], gm: fx.GraphModule
 ) -> list[Any]:
+    for j, x in enumerate(example_inputs):
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            raise IdapError(f"example input {j} contains NaN or Inf: give finite example inputs")
     if calibration is None:
         return [example_inputs]
     batches = list(calibration)
@@ -187,10 +190,15 @@ def _split_holdout(batches: list[Any]) -> tuple[list[Any], list[Any], str | None
     return [b for b in batches if id(b) not in ids], held, None
 
 
-def _check_weights(gm: fx.GraphModule) -> None:
+def _check_weights(gm: fx.GraphModule, fix: str = "fix the model's weights before pruning") -> None:
     for name, t in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if t.device.type == "meta":
+            raise IdapError(
+                f"{name} is on the meta device (no values): optimize needs the weights; load them "
+                "first (model.to_empty(device='cpu'), then load_state_dict)"
+            )
         if t.is_floating_point() and not torch.isfinite(t).all():
-            raise IdapError(f"{name} contains NaN or Inf: fix the model's weights before pruning")
+            raise IdapError(f"{name} contains NaN or Inf: {fix}")
 
 
 def optimize(
@@ -324,6 +332,7 @@ def optimize(
         phases["passes"] = time.perf_counter() - t0
     model = result.graph_module
     model.eval()
+    _check_weights(model, "recovery (fine_tune callback or distillation) diverged; check its learning rate")
     report = _report(
         original, model, inputs, pass_objs, checker, crit, phases, notes, target_macs, target_params
     )

@@ -2,7 +2,7 @@
 
 The caller's model is deep-copied first (a GraphModule shares its root's submodules,
 so tracing in place would let later rewrites or fine-tuning touch the caller's
-weights), put in eval mode, traced, and run once through ``ShapeProp``.
+weights), put in eval mode, traced, and run once to record shapes (as ``ShapeProp`` does).
 """
 
 from __future__ import annotations
@@ -14,9 +14,13 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from idap_fx.errors import TraceError
+
+# Converted (int8) modules; ``FloatFunctional`` is the float add/cat of quantization-ready float models.
+_QUANTIZED_MODULES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", "torch.nn.quantized")
 
 
 def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
@@ -56,39 +60,158 @@ def _user_frame(exc: BaseException) -> str:
     return f"{f.filename}:{f.lineno}: {f.line}"
 
 
+def _is_quantized(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.is_quantized
+    return isinstance(value, (tuple, list)) and any(_is_quantized(v) for v in value)
+
+
 def _check_model(model: nn.Module) -> None:
+    """Refuse what cannot be pruned: integer or quantized weights."""
     for name, p in model.named_parameters():
         if not p.is_floating_point():
             raise TraceError(
                 f"parameter {name!r} has dtype {p.dtype}: idap_fx prunes floating-point models "
                 "(prune before quantizing)"
             )
+    for name, m in model.named_modules():
+        cls = type(m)
+        if cls.__module__.startswith(_QUANTIZED_MODULES) and cls.__name__ != "FloatFunctional":
+            raise TraceError(
+                f"module {name or '<root>'!r} is a quantized {cls.__name__}: idap_fx prunes "
+                "floating-point models (prune the float model, then quantize it)"
+            )
+    for name, value in model.state_dict().items():
+        if _is_quantized(value):
+            raise TraceError(
+                f"state {name!r} holds a quantized tensor: idap_fx prunes floating-point models "
+                "(prune the float model, then quantize it)"
+            )
 
 
-class _NamedShapeProp(ShapeProp):
-    """ShapeProp whose errors name the node that failed."""
+def _check_inputs(model: nn.Module, inputs: tuple[Any, ...]) -> None:
+    """Example inputs must be plain tensors on the model's device."""
+    where = next(
+        ((n, t.device) for n, t in [*model.named_parameters(), *model.named_buffers()]), (None, None)
+    )
+    for i, x in enumerate(inputs):
+        if not isinstance(x, torch.Tensor):
+            raise TraceError(f"example input {i} is a {type(x).__name__}, not a tensor")
+        if x.is_quantized:
+            raise TraceError(
+                f"example input {i} is a quantized tensor ({x.dtype}): idap_fx prunes floating-point "
+                "models; give float example inputs"
+            )
+        if where[0] is not None and x.device != where[1]:
+            raise TraceError(
+                f"example input {i} is on {x.device} but the model's {where[0]!r} is on {where[1]}: "
+                "put the model and the example inputs on one device"
+                + (
+                    " (a meta-device model has no weights: load them first)"
+                    if "meta" in (x.device.type, where[1].type)
+                    else ""
+                )
+            )
+
+
+def _describe(n: fx.Node) -> str:
+    where = n.target if n.op == "call_module" else getattr(n.target, "__name__", n.target)
+    return f"node {n.name!r} ({n.op} {where})"
+
+
+class _NamedShapeProp(fx.Interpreter):
+    """Shape propagation (as ``ShapeProp``) whose errors name the node, the example inputs and the cause.
+
+    With ``watch``, it also refuses a node that modifies an example input, a parameter or a
+    buffer in place (tensor version counters tell, views included): pruning runs the model
+    many times on the caller's calibration batches and on copies of its weights.
+    """
+
+    def __init__(self, gm: fx.GraphModule, inputs: tuple[Any, ...], watch: bool) -> None:
+        super().__init__(gm)
+        self.extra_traceback = False  # the TraceError names the node already
+        placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        self.inputs = ", ".join(
+            f"{name!r}: {tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else f"{name!r}: {x!r}"
+            for name, x in zip(placeholders, inputs, strict=False)
+        )
+        self.watched: list[tuple[str, torch.Tensor]] = []
+        if watch:
+            self.watched += [
+                (f"example input {name!r}", x)
+                for name, x in zip(placeholders, inputs, strict=False)
+                if isinstance(x, torch.Tensor)
+            ]
+            self.watched += [(f"parameter {k!r}", t) for k, t in gm.named_parameters()]
+            self.watched += [(f"buffer {k!r}", t) for k, t in gm.named_buffers()]
 
     def run_node(self, n: fx.Node) -> Any:
+        versions = [t._version for _, t in self.watched]
         try:
-            return super().run_node(n)
+            result = super().run_node(n)
         except TraceError:
             raise
         except Exception as exc:
-            where = n.target if n.op == "call_module" else getattr(n.target, "__name__", n.target)
             raise TraceError(
-                f"node {n.name!r} ({n.op} {where}) failed on the example inputs: {exc}. "
-                "Check the example inputs' rank, shape and dtype."
+                f"{_describe(n)} failed on the example inputs ({self.inputs}); check their rank, "
+                f"shape and dtype: {type(exc).__name__}: {exc}"
             ) from exc
+        for (what, t), v in zip(self.watched, versions, strict=True):
+            if t._version != v:
+                raise TraceError(
+                    f"{_describe(n)} modifies {what} in place. idap_fx runs the model many times on "
+                    "the calibration batches and on copies of the weights, so in-place updates of "
+                    "inputs or model state are refused: use the out-of-place op (y = x.mul(2), "
+                    "inplace=False), or guard a state update (counter, running statistic) with "
+                    "`if self.training:` (idap_fx traces in eval mode)"
+                )
+        found = False
+
+        def tensor_meta(value: Any) -> Any:
+            nonlocal found
+            if isinstance(value, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(value)
+            return value
+
+        meta = map_aggregate(result, tensor_meta)
+        if found:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
 
 
-def record_shapes(gm: fx.GraphModule, example_inputs: Any) -> None:
-    """Run ``gm`` once on ``example_inputs``, storing shape/dtype in every node's meta."""
+def record_shapes(gm: fx.GraphModule, example_inputs: Any, *, watch: bool = False) -> None:
+    """Run ``gm`` once on ``example_inputs``, storing shape/dtype in every node's meta.
+
+    ``watch`` refuses in-place updates of the inputs, parameters or buffers (see ``trace``).
+    """
     inputs = _as_tuple(example_inputs)
     n_placeholders = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
     if len(inputs) != n_placeholders:
         raise TraceError(f"the model takes {n_placeholders} input(s), example_inputs has {len(inputs)}")
     with torch.no_grad():
-        _NamedShapeProp(gm).propagate(*inputs)
+        _NamedShapeProp(gm, inputs, watch).run(*inputs)
+
+
+def _state(module: nn.Module) -> dict[str, tuple[torch.Tensor, int]]:
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    return {name: (t, t._version) for name, t in tensors}
+
+
+def _check_state_kept(model: nn.Module, before: dict[str, tuple[torch.Tensor, int]]) -> None:
+    """Refuse a forward() that changed a buffer while being traced (the update would be lost)."""
+    after = _state(model)
+    for name, (t, version) in before.items():
+        now = after.get(name)
+        if now is None or now[0] is not t or now[1] != version:
+            raise TraceError(
+                f"{type(model).__name__}.forward() "
+                f"{'modifies' if now is not None and now[0] is t else 'reassigns'} {name!r} while being "
+                "traced; the update would run once at trace time and then be missing from the graph. "
+                "Guard a state update (counter, running statistic) with `if self.training:` (idap_fx "
+                "traces in eval mode) or remove it"
+            )
 
 
 def trace(
@@ -101,20 +224,23 @@ def trace(
     """Trace ``model`` (an ``nn.Module`` or a ``GraphModule``) into a new GraphModule with shapes.
 
     ``leaf_modules`` are module types kept as opaque calls (their channels are frozen);
-    ``concrete_args`` pins Python arguments that steer control flow.
+    ``concrete_args`` pins Python arguments that steer control flow. Raises ``TraceError``
+    for integer or quantized weights, example inputs on another device than the model
+    (a meta-device model traces only with meta inputs), and a forward() that modifies its
+    inputs, parameters or buffers in place (in-place ops on intermediate activations,
+    such as ``ReLU(inplace=True)``, are fine).
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"trace() takes an nn.Module or a GraphModule, got {type(model).__name__}")
     _check_model(model)
     inputs = _as_tuple(example_inputs)
-    for i, x in enumerate(inputs):
-        if not isinstance(x, torch.Tensor):
-            raise TraceError(f"example input {i} is a {type(x).__name__}, not a tensor")
+    _check_inputs(model, inputs)
     copied = copy.deepcopy(model).eval()
     if isinstance(copied, fx.GraphModule):
         gm = copied
     else:
         tracer = _RecordingTracer(leaf_modules)
+        state = _state(copied)
         try:
             graph = tracer.trace(copied, concrete_args=concrete_args)
         except Exception as exc:
@@ -125,6 +251,8 @@ def trace(
                 f"at {_user_frame(exc)}: {exc}. Hint: make that module a leaf "
                 "(trace(..., leaf_modules=[ItsClass])) or fix the branch with concrete_args."
             ) from exc
+        _check_state_kept(copied, state)
         gm = fx.GraphModule(copied, graph, class_name=type(model).__name__)
-    record_shapes(gm, inputs)
+    # clones: an in-place op on an input is refused after it ran, the caller's tensors stay intact
+    record_shapes(gm, tuple(x.clone() for x in inputs), watch=True)
     return gm
