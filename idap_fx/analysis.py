@@ -35,6 +35,8 @@ class RuleContext:
             return self.env[arg]
         if isinstance(arg, (list, tuple)):
             return type(arg)(self.value(a) for a in arg)
+        if isinstance(arg, dict):  # e.g. a Hugging Face model's output dict
+            return {k: self.value(a) for k, a in arg.items()}
         return arg
 
     def layout(self, arg: Any) -> Layout:

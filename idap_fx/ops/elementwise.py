@@ -28,6 +28,9 @@ FUNCTIONS = (
     torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum, torch.where, torch.relu,
     torch.sigmoid, torch.tanh, torch.exp, torch.sqrt, torch.rsqrt, torch.abs, torch.neg, torch.clamp,
     torch.clip, torch.erf, torch.pow, torch.square, torch.sign, torch.nan_to_num,
+    operator.lt, operator.le, operator.gt, operator.ge, operator.eq, operator.ne, operator.and_, operator.or_,
+    operator.xor, operator.invert, torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge,
+    torch.logical_and, torch.logical_or, torch.logical_not,
     F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.leaky_relu, F.elu,
     F.selu, F.celu, F.mish, F.softplus, F.hardtanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
     F.alpha_dropout,
@@ -37,6 +40,7 @@ METHODS = (
     "tanh", "tanh_", "exp", "sqrt", "rsqrt", "abs", "neg", "clamp", "clamp_", "clip", "pow", "square",
     "contiguous", "clone", "detach", "float", "half", "double", "bfloat16", "to", "type", "type_as",
     "masked_fill", "masked_fill_", "where", "maximum", "minimum", "erf", "sign", "nan_to_num",
+    "expand_as", "bool", "long", "int", "eq", "ne", "lt", "le", "gt", "ge", "logical_not", "logical_and", "logical_or",
 )  # fmt: skip
 
 

@@ -96,11 +96,10 @@ def merge(
                         reason,
                     )
         widest = cover[0]
-        gone = [j for j, lab in enumerate(widest.labels) if lab in contracted]
-        ids = _collapse(coupling, widest.ids, gone, reason)
         kept = tuple(lab for lab in widest.labels if lab not in contracted)
-        if kept:
-            out.append((kept, ids))
+        if kept:  # a fully contracted axis leaves no output channels, and its units stay apart
+            gone = [j for j, lab in enumerate(widest.labels) if lab in contracted]
+            out.append((kept, _collapse(coupling, widest.ids, gone, reason)))
     return out
 
 

@@ -375,7 +375,7 @@ def _softmax(ctx, node: fx.Node) -> Layout:
     return lay
 
 
-@register(operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm")
+@register(operator.matmul, torch.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm")
 def _matmul(ctx, node: fx.Node) -> Layout:
     a, b = node.args[0], node.args[1]
     sa, sb, out = ctx.shape(a), ctx.shape(b), ctx.shape(node)
