@@ -8,6 +8,10 @@ Two forms (method notes §4):
   batches, Σ‖N0(x) − N(x)‖² / Σ‖N0(x)‖² ≤ ``budget``.
 
 ``budget=None`` switches the check off (pure target-driven pruning).
+
+Under ``torch.distributed`` each rank holds its own held-out batches; the deviation's
+numerator and denominator are summed over ranks, so every rank gets the deviation over
+all held-out data and makes the same accept / roll-back decision.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from idap_fx.distributed import all_sum
 from idap_fx.errors import BudgetError
 from idap_fx.stats import batch_args
 
@@ -71,12 +76,13 @@ class Budget:
         return value
 
     def deviation(self, model: nn.Module) -> float:
-        """Relative output deviation Σ‖N0(x) − N(x)‖² / Σ‖N0(x)‖² on the held-out batches."""
+        """Relative output deviation Σ‖N0(x) − N(x)‖² / Σ‖N0(x)‖² on the held-out batches (of every rank)."""
         num = den = 0.0
         for ref, got in zip(self._ref, _outputs(model, self.holdout), strict=True):
             for r, g in zip(ref, got, strict=True):
                 num += (r - g).pow(2).sum().item()
                 den += r.pow(2).sum().item()
+        num, den = all_sum([num, den])
         if den == 0.0:
             return 0.0 if num == 0.0 else math.inf
         return num / den if not math.isnan(num) else math.inf
