@@ -8,7 +8,7 @@ and handles pan/zoom, collapsing blocks, hover and the detail panel. It loads no
 Options in the URL fragment (used by the tests, handy for sharing a view):
 ``#collapse=none|blocks|depthN``, ``select=NODE``, ``group=GROUP_ID``, ``colour=group|plan``.
 The page marks ``<body data-ready="1">`` once drawn, ``<svg data-rendered="N">`` with the
-number of boxes, and ``<html data-errors="...">`` if a script error happened.
+number of boxes (``data-render-ms`` how long layout and drawing took), and ``<html data-errors="...">`` if a script error happened.
 """
 
 PAGE = r"""<!DOCTYPE html>
@@ -287,6 +287,7 @@ function blockExit(members) {
 
 // ---- drawing ---------------------------------------------------------------------------
 function render() {
+  var t0 = performance.now();
   var U = buildUnits();
   L = layoutGraph(U);
   edgesG.textContent = ""; nodesG.textContent = "";
@@ -316,6 +317,7 @@ function render() {
   var count = 0;
   V.forEach(function (v) { if (v.unit) { drawUnit(v.unit, v); count++; } });
   svg.setAttribute("data-rendered", String(count));
+  svg.setAttribute("data-render-ms", String(Math.round(performance.now() - t0)));
   var prunable = groups.filter(function (g) { return g.prunable; }).length;
   document.getElementById("status").textContent = count + " boxes \u00b7 " + nodes.length + " nodes \u00b7 " +
     groups.length + " groups (" + prunable + " prunable) \u00b7 " + Object.keys(D.boundaries).length + " boundaries";
@@ -636,7 +638,7 @@ function sideList() {
     var li = h("li"); li.setAttribute("data-gid", g.id); li.title = g.id + (g.prunable ? ": prunable" : ": frozen, " + g.frozen_reason);
     var sw = h("span", "sw"); sw.style.background = g.colour;
     li.appendChild(sw);
-    li.appendChild(h("span", "id", clip(g.id, 30)));
+    li.appendChild(h("span", "id", clip(g.id, 26)));
     var extra = g.removed && g.removed.length ? "\u2212" + g.removed.length + "/" : "";
     li.appendChild(h("span", "small " + (g.prunable ? "" : "bad"), extra + g.size + (g.prunable ? "" : " \u2744")));
     li.addEventListener("click", function () { select(selected && selected.kind === "group" && selected.key === g.id ? null : {kind: "group", key: g.id}); });
