@@ -75,6 +75,7 @@ def viewer_data(
     """The JSON document the page renders: nodes, edges, groups, blocks, boundaries, plan and scores."""
     gm, dg = _resolve(graph)
     removed = dg.removed_elements(plan) if plan else None
+    score_lists = {gid: _group_scores(dg, gid, values) for gid, values in (scores or {}).items()}
     colours = group_colours(dg)
     elem_group = np.full(dg.n_elements, -1, dtype=np.int64)
     for gi, g in enumerate(dg.groups):
@@ -138,10 +139,9 @@ def viewer_data(
             )
         nodes.append(entry)
 
-    plan = plan or {}
     groups = []
     for g in dg.groups:
-        gone = sorted(int(i) for i in plan.get(g.id, []))
+        gone = sorted(int(i) for i in (plan or {}).get(g.id, []))
         groups.append(
             {
                 "id": g.id,
@@ -158,13 +158,9 @@ def viewer_data(
                 "couplers": sorted(couplers.get(g.id, set())),
                 "removed": gone if removed is not None else None,
                 "removed_channels": int(sum(len(g.units[i]) for i in gone)) if removed is not None else None,
-                "scores": _group_scores(dg, g.id, scores) if scores and g.id in scores else None,
+                "scores": score_lists.get(g.id),
             }
         )
-    if scores:
-        for gid in scores:
-            dg.group(gid)  # unknown ids raise PlanError, like a plan naming them would
-
     default_title = f"{type(gm).__name__ if gm is not None else 'DependencyGraph'}: {len(names)} nodes"
     return {
         "title": title or default_title,
@@ -175,7 +171,7 @@ def viewer_data(
         "blocks": blocks,
         "boundaries": dict(dg.boundaries),
         "has_plan": removed is not None,
-        "has_scores": bool(scores),
+        "has_scores": bool(score_lists),
         "collapse_default": "blocks"
         if len(names) > COLLAPSE_ABOVE and any(b["repeated"] for b in blocks)
         else "none",
@@ -508,9 +504,10 @@ def _coupling_edges(dg: DependencyGraph, names: list[str]) -> list[list[Any]]:
     return [[s, t, ", ".join(sorted(r))] for (s, t), r in sorted(joined.items())]
 
 
-def _group_scores(dg: DependencyGraph, gid: str, scores: Scores) -> list[float | None]:
-    values = np.asarray(scores[gid], dtype=np.float64).ravel()
+def _group_scores(dg: DependencyGraph, gid: str, scores: Sequence[float]) -> list[float | None]:
+    """One JSON-safe score per unit (non-finite -> None); unknown groups and wrong lengths raise PlanError."""
     size = dg.group(gid).size
+    values = np.asarray(scores, dtype=np.float64).ravel()
     if values.size != size:
         raise PlanError(f"scores for group {gid!r} hold {values.size} values; the group has {size} units")
     return [float(v) if math.isfinite(v) else None for v in values.tolist()]
