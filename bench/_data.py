@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from idap_fx.metrics import count_macs
+from idap_fx.scoring import ScoringContext, get_importance
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -77,7 +78,7 @@ def digits_splits(seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 class BatchStream:
-    """A seeded stream of shuffled ``(x, y)`` mini-batches that remembers its position and counts what it gives.
+    """A seeded stream of shuffled ``(x, y)`` (or, without ``y``, ``x``) mini-batches that remembers its position.
 
     ``optimize`` distils for ``distill_steps`` batches after every pruning step by iterating
     its ``train_loader`` afresh; a list would replay the same first batches each time.
@@ -86,21 +87,21 @@ class BatchStream:
     """
 
     def __init__(
-        self, x: torch.Tensor, y: torch.Tensor, batch: int, seed: int, limit: int | None = None
+        self, x: torch.Tensor, y: torch.Tensor | None, batch: int, seed: int, limit: int | None = None
     ) -> None:
         self.x, self.y, self.batch, self.limit = x, y, batch, limit
         self.gen = torch.Generator().manual_seed(seed)
         self.taken = 0
         self._it = self._batches()
 
-    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(self) -> Iterator[Any]:
         while True:
             order = torch.randperm(len(self.x), generator=self.gen)
             for i in range(0, len(order) - self.batch + 1, self.batch):
                 idx = order[i : i + self.batch]
-                yield self.x[idx], self.y[idx]
+                yield self.x[idx] if self.y is None else (self.x[idx], self.y[idx])
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Any]:
         while self.limit is None or self.taken < self.limit:
             self.taken += 1
             yield next(self._it)
@@ -147,6 +148,23 @@ def fine_tune(
         opt.step()
     model.eval()
     return model
+
+
+class GroupMeanDivergence:
+    """Diagnostic only, not an idap_fx criterion: divergence scores divided by their group's mean.
+
+    idap_fx ranks raw divergence scores globally across groups; this divides each
+    group's scores by the group's mean first (what Torch-Pruning's default normaliser
+    does), to test whether the cross-layer scale of the raw scores is what hurts.
+    """
+
+    name = "divergence/group-mean"
+
+    def __init__(self) -> None:
+        self.base = get_importance("divergence")
+
+    def __call__(self, ctx: ScoringContext) -> dict[str, np.ndarray]:
+        return {g: v / max(float(np.mean(v)), 1e-30) for g, v in self.base(ctx).items()}
 
 
 # --------------------------------------------------------------------------- Torch-Pruning baseline

@@ -36,12 +36,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from _data import (
     RESULTS,
     BatchStream,
+    GroupMeanDivergence,
     accuracy,
     cache_path,
     digits_splits,
@@ -54,7 +54,6 @@ from torch import nn
 
 import idap_fx
 from idap_fx.metrics import count_macs
-from idap_fx.scoring import ScoringContext, get_importance
 
 TRAIN = {"epochs": 60, "batch": 64, "lr": 2e-3, "weight_decay": 5e-4, "width": 64, "split_seed": 0}
 
@@ -131,18 +130,6 @@ def train_model(seed: int, data: dict[str, Any]) -> tuple[nn.Module, dict[str, f
 
 def _ignored(m: nn.Module) -> list[nn.Module]:
     return [m.head]  # the classifier's outputs are the model's outputs (idap_fx freezes them too)
-
-
-class GroupMeanDivergence:
-    """Diagnostic only: idap_fx's divergence scores divided by their group's mean before the global ranking."""
-
-    name = "divergence/group-mean"
-
-    def __init__(self) -> None:
-        self.base = get_importance("divergence")
-
-    def __call__(self, ctx: ScoringContext) -> dict[str, np.ndarray]:
-        return {g: v / max(float(np.mean(v)), 1e-30) for g, v in self.base(ctx).items()}
 
 
 IDAP_METHODS: dict[str, Any] = {
