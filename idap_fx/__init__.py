@@ -18,6 +18,7 @@ from idap_fx.optimize import OptimizeReport, OptimizeResult, optimize
 from idap_fx.scoring import score
 from idap_fx.surgery import mask, prune
 from idap_fx.trace import trace
+from idap_fx.visualize import to_dot, visualize
 
 __all__ = [
     "AnalysisError",
@@ -37,5 +38,7 @@ __all__ = [
     "optimize",
     "prune",
     "score",
+    "to_dot",
     "trace",
+    "visualize",
 ]

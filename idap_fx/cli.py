@@ -204,7 +204,7 @@ def _viz(args: argparse.Namespace) -> int:
     from idap_fx.visualize import visualize
 
     gm = idap_fx.trace(load_model(args.model), torch.randn(*args.input_shape))
-    path = visualize(gm, args.out)
+    path = visualize(gm, args.out, title=args.model)
     print(f"wrote {path}")
     return 0
 
