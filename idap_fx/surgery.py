@@ -101,7 +101,7 @@ class _Rewrite:
                 continue
             rule = lookup(node, self.gm)
             if rule is not None and rule.fix is not None:
-                _ARG_FIXERS[rule.fix](self, node)
+                (rule.fix if callable(rule.fix) else _ARG_FIXERS[rule.fix])(self, node)
 
     def update_meta(self) -> None:
         """Keep node shapes current so the pruned graph can be analysed again without inputs."""
@@ -109,9 +109,10 @@ class _Rewrite:
             meta = node.meta.get("tensor_meta")
             if is_tensor_meta(meta):
                 node.meta["tensor_meta"] = meta._replace(shape=torch.Size(self.shape(node)))
-            elif isinstance(meta, tuple) and all(is_tensor_meta(m) for m in meta):
+            elif isinstance(meta, tuple) and any(is_tensor_meta(m) for m in meta):
                 node.meta["tensor_meta"] = tuple(
-                    m._replace(shape=torch.Size(self.shape(node, i))) for i, m in enumerate(meta)
+                    m._replace(shape=torch.Size(self.shape(node, i))) if is_tensor_meta(m) else m
+                    for i, m in enumerate(meta)
                 )
 
 

@@ -3,9 +3,10 @@
 Rules are keyed by module type (``call_module``), function object (``call_function``)
 or method name (``call_method``). A rule reads the layouts of the node's inputs from a
 ``RuleContext`` and returns the output's layout, recording couplings, parameter
-members and frozen channels on the way. ``fix`` names how the rewrite must update the
-node's own arguments when widths change (see ``idap_fx.surgery``). An op with no rule
-is a boundary: the analyzer freezes every channel it touches.
+members and frozen channels on the way. ``fix`` says how the rewrite must update the
+node's own arguments when widths change: the name of a fixer in ``idap_fx.surgery``,
+or a callable ``fix(rewrite, node)`` defined next to the rule. An op with no rule is a
+boundary: the analyzer freezes every channel it touches.
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ import torch
 from torch import fx, nn
 
 Propagate = Callable[[Any, fx.Node], Any]
+Fixer = str | Callable[[Any, fx.Node], None]
 
 
 @dataclass(frozen=True)
 class Rule:
-    """One op's semantics: ``propagate(ctx, node) -> output value``, and the arg fixer name."""
+    """One op's semantics: ``propagate(ctx, node) -> output value``, and the arg fixer."""
 
     name: str
     propagate: Propagate
-    fix: str | None = None
+    fix: Fixer | None = None
 
 
 MODULE_RULES: dict[type, Rule] = {}
@@ -34,7 +36,7 @@ FUNCTION_RULES: dict[Callable, Rule] = {}
 METHOD_RULES: dict[str, Rule] = {}
 
 
-def register(*keys: type | Callable | str, fix: str | None = None) -> Callable[[Propagate], Propagate]:
+def register(*keys: type | Callable | str, fix: Fixer | None = None) -> Callable[[Propagate], Propagate]:
     """Decorator: register ``fn`` as the rule for every key (module type, function or method name)."""
 
     def deco(fn: Propagate) -> Propagate:
