@@ -24,7 +24,7 @@ import contextlib
 import datetime
 import os
 import pickle
-import tempfile
+import secrets
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -140,11 +140,11 @@ def _temporary_next_to(path: str | os.PathLike[str]) -> Iterator[str]:
     """A fresh temporary file beside ``path``, moved onto it only if the block succeeds."""
     target = os.path.abspath(os.fspath(path))
     directory, name = os.path.split(target)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    tmp = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.tmp")
+    try:  # 0o666 and the umask: the file gets the permissions a plain open() would give it
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     except OSError as exc:
         raise IdapError(f"cannot write {target}: {exc.strerror} in {directory}") from exc
-    os.close(fd)
     try:
         yield tmp
         os.replace(tmp, target)
