@@ -176,6 +176,22 @@ def test_residual_score_is_streamed_mean_ratio() -> None:
         assert scores[c.key] == pytest.approx(np.mean(ratios[c.name]), rel=1e-5)
 
 
+def test_identity_chain_is_replaced_by_its_input() -> None:
+    gm, x, calib = _net()
+    model = Net(SCALES).eval()
+    model.load_state_dict(gm.state_dict())
+    (cand,) = [c for c in find_candidates(gm) if c.name == "blocks.0[conv2..bn2]"]
+    assert cand.kind == "identity" and cand.nodes == ("blocks_0_conv2", "blocks_0_bn2")
+    skipped = remove(gm, cand, (x,))
+    with torch.no_grad():
+        h = model.stem(calib[0])
+        b0 = model.blocks[0]
+        h = torch.relu(h + torch.relu(b0.bn1(b0.conv1(h))))  # F(x) = its input: conv2 and bn2 gone
+        want = model.head(model.blocks[1:](h))
+        assert torch.allclose(skipped(calib[0]), want, rtol=1e-5, atol=1e-6)
+    assert "blocks.0.conv2" not in dict(skipped.named_modules())
+
+
 def test_low_flow_blocks_are_removed_first() -> None:
     gm, x, calib = _net()
     p, out = _pass(gm, x, calib, limit=1.0, max_skips=2)
