@@ -9,10 +9,6 @@ shard of the training set (DistributedDataParallel + DistributedSampler, set up 
 idap_fx), and returns the same model; rank 0 alone writes the ONNX file and the report.
 A rank that fails stops the others at once (``fail_fast``) and nothing is written.
 Synthetic images stand in for your data; the ResNet is built with ``weights=None``.
-
-Known issue (docs/distributed.md): until ``idap_fx.stats.find_sites`` orders its sites
-independently of Python's hash seed, start torchrun with ``PYTHONHASHSEED=0`` exported,
-or the ranks all-reduce their statistics in different orders and gloo aborts.
 """
 
 from __future__ import annotations

@@ -123,11 +123,12 @@ def _sites_for_layout(node: str, layout: Any, units: UnitIndex) -> list[Site]:
 
 def find_sites(gm: fx.GraphModule, dg: DependencyGraph, units: UnitIndex) -> list[Site]:
     """Every tensor a prunable group's consumer reads, plus attention modules' head outputs."""
-    nodes = {n.name: n for n in gm.graph.nodes}
     consumers = {m.node for m in dg.members if m.role == "in"} | {m.node for m in dg.input_masks}
     sites: dict[tuple[str, tuple[int, ...]], Site] = {}
-    for name in consumers:
-        node = nodes[name]
+    for node in gm.graph.nodes:  # graph order: every rank must all-reduce the sites in the same order
+        if node.name not in consumers:
+            continue
+        name = node.name
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), _ATTENTION):
             member = next(m for m in dg.members if m.node == name and m.param.endswith("out_proj.weight"))
             pos = units.of_element[member.ids]

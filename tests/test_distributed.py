@@ -43,12 +43,8 @@ from idap_fx.distributed import (
 from idap_fx.stats import UnitIndex, find_sites
 
 WORLD = 2
-# The ranks of one run share a hash seed until ``stats.find_sites`` is order-stable: it walks a
-# set of node names, so ranks with different seeds all-reduce their sites in different orders
-# (gloo aborts on the size mismatch). The two runs use seeds 0 and 1, which order this model's
-# sites differently: ``test_calibration_sites_do_not_depend_on_the_hash_seed`` compares them.
-# Once fixed, give each rank its own seed, as torchrun does: {"main": ("0", "1"), "fail": ("1", "0")}.
-HASH_SEEDS = {"main": ("0", "0"), "fail": ("1", "1")}
+# Every rank gets its own hash seed, as under torchrun: site order must not depend on it.
+HASH_SEEDS = {"main": ("0", "1"), "fail": ("1", "0")}
 PG_TIMEOUT = 60.0  # a hang would show as ~this long; fail-fast must be far quicker
 JOIN_TIMEOUT = 240.0
 
@@ -374,11 +370,6 @@ def test_a_rank_that_raises_stops_the_other_promptly_without_output(runs: dict[s
         assert os.listdir(runs["dir"] / f"fail{fail_rank}") == []  # no output, no temporaries
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="stats.find_sites iterates a set of node names: site order (and so the order of the "
-    "all-reduced statistics) depends on PYTHONHASHSEED, which differs between torchrun's processes",
-)
 def test_calibration_sites_do_not_depend_on_the_hash_seed(runs: dict[str, Any]) -> None:
     assert runs["main"][0]["sites"] == runs["fail"][0]["sites"]  # hash seeds 0 and 1
 
