@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from idap_fx.distributed import main_output
 from idap_fx.errors import ExportError
-from idap_fx.export import atomic_output, export_onnx
+from idap_fx.export import export_onnx
 from idap_fx.latency import check_latency
 from idap_fx.optimize import OptimizeResult, optimize
 
@@ -103,14 +104,19 @@ def run_job(
         )
         if report is not None:
             data = res.report.to_dict() | {"job": summary.__dict__, "latency": lat.to_dict() if lat else None}
-            with atomic_output(report) as tmp_report, open(tmp_report, "w") as f:
-                json.dump(data, f, indent=2, default=str)
+            with main_output(report) as tmp_report:
+                if tmp_report is not None:  # rank 0 (or no torch.distributed) writes; the others wait
+                    with open(tmp_report, "w") as f:
+                        json.dump(data, f, indent=2, default=str)
             md = os.path.splitext(os.fspath(report))[0] + ".md"
-            with atomic_output(md) as tmp_md, open(tmp_md, "w") as f:
-                f.write(res.report.to_markdown() + "\n" + _summary_markdown(summary))
+            with main_output(md) as tmp_md:
+                if tmp_md is not None:
+                    with open(tmp_md, "w") as f:
+                        f.write(res.report.to_markdown() + "\n" + _summary_markdown(summary))
         if out is not None:
-            with atomic_output(out) as tmp_out:
-                os.replace(opt_export.path, tmp_out)
+            with main_output(out) as tmp_out:
+                if tmp_out is not None:
+                    os.replace(opt_export.path, tmp_out)
     return res, summary
 
 

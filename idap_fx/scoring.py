@@ -27,6 +27,7 @@ import torch
 from torch import fx, nn
 
 from idap_fx.dependency import DependencyGraph, Member
+from idap_fx.distributed import all_sum
 from idap_fx.errors import IdapError
 from idap_fx.stats import ChannelStats, Site, UnitIndex, find_sites
 
@@ -193,7 +194,7 @@ class Taylor:
         finally:
             ctx.gm.zero_grad(set_to_none=True)
             ctx.gm.train(was_training)
-        return ctx.units.split(total)
+        return ctx.units.split(np.asarray(all_sum(total.tolist())))
 
 
 class RandomImportance:
