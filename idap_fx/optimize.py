@@ -53,6 +53,7 @@ class OptimizeReport:
     schedule: list[float]
     steps: list[dict[str, Any]]
     removed_layers: list[dict[str, Any]]
+    layer_trials: list[dict[str, Any]]
     stop_reason: str
     timings: dict[str, float]
     frozen_ops: dict[str, str]
@@ -100,9 +101,17 @@ class OptimizeReport:
                 f"| {s['step']} | {s['rho']:.3f} | {s['units_removed']} | {len(s['groups'])} | {s['macs']:,} "
                 f"| {s['budget_consumed']:.4g} | {s['accepted']} | {s['note']} |"
             )
-        if self.removed_layers:
-            lines += ["", "| removed layer | score | quality delta |", "|---|---|---|"]
-            lines += [f"| {r['name']} | {r['score']:.4g} | {r['delta']:.4g} |" for r in self.removed_layers]
+        if self.layer_trials:
+            lines += [
+                "",
+                "| layer (stage 2) | kind | score | quality delta | removed |",
+                "|---|---|---|---|---|",
+            ]
+            names = {r["name"] for r in self.removed_layers}
+            lines += [
+                f"| {r['name']} | {r.get('kind', '')} | {r['score']:.4g} | {r['delta']:.4g} | {r['name'] in names} |"
+                for r in self.layer_trials
+            ]
         if self.frozen_ops:
             lines += [
                 "",
@@ -224,6 +233,7 @@ def optimize(
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     max_skips: int = 5,
     tau_layer: float | None = None,
+    skip_projection: bool = False,
     quiet: bool | None = None,
     strict: bool = True,
     seed: int = 0,
@@ -312,6 +322,9 @@ def optimize(
                         budget=checker,
                         max_skips=max_skips,
                         tau_layer=tau_layer,
+                        kinds=("residual", "identity", "projection")
+                        if skip_projection
+                        else ("residual", "identity"),
                         fine_tune=fine_tune,
                         train_loader=train_loader,
                         distill_steps=distill_steps,
@@ -377,11 +390,12 @@ def _report(
     macs0, macs1 = count_macs(original, inputs), count_macs(model, inputs)
     params0, params1 = count_params(original), count_params(model)
     final = checker.check(model)
-    steps, schedule_used, removed, stops = [], [], [], []
+    steps, schedule_used, removed, trials, stops = [], [], [], [], []
     for p in pass_objs:
         steps += [asdict(s) for s in getattr(p, "steps", [])]
         schedule_used += getattr(p, "schedule_used", [])
         removed += getattr(p, "removed", [])
+        trials += getattr(p, "trials", [])
         stops.append(f"{type(p).__name__}: {p.stop_reason}")
         for k, v in p.timings.items():
             phases[k] = phases.get(k, 0.0) + v
@@ -408,6 +422,7 @@ def _report(
         schedule=schedule_used,
         steps=steps,
         removed_layers=removed,
+        layer_trials=trials,
         stop_reason="; ".join(stops),
         timings=phases,
         frozen_ops={},
