@@ -424,6 +424,11 @@ def test_impossible_targets_and_budgets_are_budget_errors(kw, message):
     guard.intact()
 
 
+def test_no_target_and_no_budget_is_refused():
+    with pytest.raises(IdapError, match="nothing to aim for: give a target .* or a budget"):
+        _optimize(_net(), target_macs=None, budget=None)
+
+
 def test_target_unreachable_within_budget_returns_the_best_model_on_the_error():
     model = _net()
     guard = Guard(model)
