@@ -16,6 +16,8 @@ from typing import Any
 
 import networkx as nx
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from idap_fx.errors import PlanError
 
@@ -174,12 +176,9 @@ class Coupling:
             ub = np.concatenate([u[1] for u in self._unions])
         else:
             ua = ub = np.zeros(0, dtype=np.int64)
-        elements = nx.Graph()
-        elements.add_nodes_from(range(n))
-        elements.add_edges_from(zip(ua.tolist(), ub.tolist(), strict=True))
-        unit_of = np.empty(n, dtype=np.int64)
-        for u, comp in enumerate(nx.connected_components(elements)):
-            unit_of[list(comp)] = u
+        links = coo_matrix((np.ones(ua.size, dtype=np.int8), (ua, ub)), shape=(n, n))
+        _, unit_of = connected_components(links, directed=False)
+        unit_of = unit_of.astype(np.int64)
 
         spaces = nx.Graph()
         for s in self.spaces:
@@ -202,11 +201,12 @@ class Coupling:
             group_spaces = [self.spaces[i] for i in comp]
             elems = np.concatenate([np.arange(s.base, s.base + s.size) for s in group_spaces])
             elem_group[elems] = gi
+            elems = np.sort(elems)
             units_here = unit_of[elems]
-            order = np.argsort(elems, kind="stable")
-            _, first = np.unique(units_here[order], return_index=True)
-            unit_ids = units_here[order][np.sort(first)]
-            units = [elems[units_here == u] for u in unit_ids]
+            by_unit = np.argsort(units_here, kind="stable")  # elements grouped by unit, ascending within
+            _, starts = np.unique(units_here[by_unit], return_index=True)
+            chunks = np.split(elems[by_unit], starts[1:])
+            units = sorted(chunks, key=lambda c: int(c[0]))  # units ordered by their first element
             frozen = _first_reasons(frozen_why, comp)
             inexact = _first_reasons(inexact_why, comp)
             anchor = group_spaces[0]

@@ -215,6 +215,17 @@ _ARG_FIXERS: dict[str, Callable[[_Rewrite, fx.Node], None]] = {
 }
 
 
+def _sliced_tensors(gm: fx.GraphModule, dg: DependencyGraph, removed: np.ndarray) -> dict[int, Any]:
+    """A deepcopy memo that skips cloning the tensors ``slice_parameters`` replaces anyway."""
+    memo: dict[int, Any] = {}
+    for m in dg.members:
+        if removed[m.ids].any():
+            owner_name, attr = _split_name(m.param)
+            tensor = getattr(gm.get_submodule(owner_name), attr)
+            memo[id(tensor)] = tensor
+    return memo
+
+
 def prune(gm: fx.GraphModule, plan: Plan, dg: DependencyGraph | None = None) -> fx.GraphModule:
     """A new GraphModule with the planned channels physically removed; ``gm`` is untouched.
 
@@ -222,7 +233,7 @@ def prune(gm: fx.GraphModule, plan: Plan, dg: DependencyGraph | None = None) -> 
     """
     dg = dg if dg is not None else analyze(gm)
     removed = dg.removed_elements(plan)
-    new = copy.deepcopy(gm)
+    new = copy.deepcopy(gm, memo=_sliced_tensors(gm, dg, removed))
     rw = _Rewrite(new, dg, removed)
     if removed.any():
         rw.slice_parameters()
