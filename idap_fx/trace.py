@@ -103,14 +103,11 @@ def _check_inputs(model: nn.Module, inputs: tuple[Any, ...]) -> None:
                 "models; give float example inputs"
             )
         if where[0] is not None and x.device != where[1]:
+            meta = "meta" in (x.device.type, where[1].type)
             raise TraceError(
                 f"example input {i} is on {x.device} but the model's {where[0]!r} is on {where[1]}: "
                 "put the model and the example inputs on one device"
-                + (
-                    " (a meta-device model has no weights: load them first)"
-                    if "meta" in (x.device.type, where[1].type)
-                    else ""
-                )
+                + (" (a meta-device model has no weights: load them first)" if meta else "")
             )
 
 
