@@ -248,7 +248,8 @@ def analyze(gm: fx.GraphModule, example_inputs: Any = None) -> DependencyGraph:
             "or pass example_inputs to analyze()"
         )
     prop = LayoutProp(gm)
-    prop.run(*[None for n in gm.graph.nodes if n.op == "placeholder"])
+    # placeholders are fed directly: no pytree (un)flattening of inputs/outputs (torch.export graphs have it)
+    prop.run(*[None for n in gm.graph.nodes if n.op == "placeholder"], enable_io_processing=False)
     groups, coupling = prop.coupling.finish()
     layouts = {n.name: prop.env[n] for n in gm.graph.nodes if n in prop.env}
     return DependencyGraph(

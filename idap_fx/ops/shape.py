@@ -311,7 +311,9 @@ def _reduce(ctx, node: fx.Node) -> Layout:
     mapping = {
         d: (d if keep else d - sum(1 for r in reduced if r < d)) for d in range(nd_in) if d not in reduced
     }
-    name = node.target if isinstance(node.target, str) else node.target.__name__
+    name = (
+        node.target if isinstance(node.target, str) else node.target.__name__.split(".")[0]
+    )  # aten: sum.dim_IntList
     axes = []
     for ax in lay.axes:
         if not set(ax.dims) & reduced:
