@@ -43,7 +43,7 @@ from torch.utils._pytree import tree_leaves
 from idap_fx.errors import ExportError, ParityError
 from idap_fx.passes.fold_bn import FoldBatchNorm
 
-__all__ = ["DEFAULT_EXPORTER", "ExportReport", "atomic_output", "export_onnx"]
+__all__ = ["DEFAULT_EXPORTER", "ExportReport", "atomic_output", "export_onnx", "onnx_feed"]
 
 Exporter = Literal["torchscript", "dynamo"]
 DEFAULT_EXPORTER: Exporter = "torchscript"
@@ -205,16 +205,32 @@ def _errors(got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
     return abs_err, abs_err / scale
 
 
+def onnx_feed(session: ort.InferenceSession, inputs: Sequence[torch.Tensor]) -> dict[str, np.ndarray]:
+    """The feed dict for ``session``: by name for our exports, else positionally.
+
+    ``export_onnx`` names the inputs ``input0``, ``input1``, ...; the exporter drops
+    inputs the graph never reads, so the names say which example input each one is.
+    """
+    names = [i.name for i in session.get_inputs()]
+    indices = [int(n[5:]) if n.startswith("input") and n[5:].isdigit() else -1 for n in names]
+    if not all(0 <= i < len(inputs) for i in indices):
+        if len(names) != len(inputs):
+            raise ExportError(
+                f"the ONNX model takes {len(names)} inputs but {len(inputs)} example inputs were given"
+            )
+        indices = list(range(len(inputs)))
+    return {n: inputs[i].detach().cpu().numpy() for n, i in zip(names, indices, strict=True)}
+
+
 def _parity(path: str, cases: list[tuple[tuple[torch.Tensor, ...], list[np.ndarray]]]) -> tuple[float, float]:
     """Worst (abs, rel) error of onnxruntime against torch over all (inputs, expected outputs) cases."""
     try:
         session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     except Exception as e:
         raise ExportError(f"onnxruntime cannot load the exported model: {e}") from e
-    names = [i.name for i in session.get_inputs()]
     worst_abs = worst_rel = 0.0
     for inputs, expected in cases:
-        feed = {n: x.detach().cpu().numpy() for n, x in zip(names, inputs, strict=True)}
+        feed = onnx_feed(session, inputs)
         try:
             got = session.run(None, feed)
         except Exception as e:
@@ -254,7 +270,13 @@ def export_onnx(
         cases = [(inputs, expected)]
         if dynamic_batch and all(x.dim() > 0 for x in inputs):
             doubled = tuple(torch.cat([x, x]) for x in inputs)
-            cases.append((doubled, _run_torch(model, doubled)))
+            try:
+                cases.append((doubled, _run_torch(model, doubled)))
+            except ExportError as e:
+                raise ExportError(
+                    f"{e}; with dynamic_batch=True dim 0 of every input is the batch and the model is "
+                    "checked at twice the example batch: pass dynamic_batch=False if an input has no batch dim"
+                ) from e
         _export(
             model,
             inputs,

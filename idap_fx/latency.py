@@ -31,7 +31,7 @@ import onnxruntime as ort
 import torch
 
 from idap_fx.errors import IdapError
-from idap_fx.export import export_onnx
+from idap_fx.export import export_onnx, onnx_feed
 from idap_fx.metrics import count_macs
 
 __all__ = ["LatencyReport", "check_latency"]
@@ -110,15 +110,6 @@ def _session(path: str, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
-def _feed(session: ort.InferenceSession, inputs: tuple[torch.Tensor, ...]) -> dict[str, np.ndarray]:
-    names = [i.name for i in session.get_inputs()]
-    if len(names) != len(inputs):
-        raise IdapError(
-            f"the ONNX model takes {len(names)} inputs but {len(inputs)} example inputs were given"
-        )
-    return {n: x.detach().cpu().numpy() for n, x in zip(names, inputs, strict=True)}
-
-
 def check_latency(
     original: ModelOrPath,
     optimized: ModelOrPath,
@@ -148,7 +139,7 @@ def check_latency(
             _session(_onnx_path(m, inputs, tmp, n), threads)
             for m, n in ((original, "original"), (optimized, "optimized"))
         ]
-    feeds = [_feed(s, inputs) for s in sessions]
+    feeds = [onnx_feed(s, inputs) for s in sessions]
     if macs is None and isinstance(original, torch.nn.Module) and isinstance(optimized, torch.nn.Module):
         counted = (count_macs(original, inputs), count_macs(optimized, inputs))
         macs = counted if min(counted) > 0 else None

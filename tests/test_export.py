@@ -266,6 +266,36 @@ def test_multiple_inputs_and_outputs(tmp_path) -> None:
     assert [o.name for o in session.get_outputs()] == ["output0", "output1"]
 
 
+def test_unused_input_dropped_by_exporter(tmp_path) -> None:
+    class Unused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor, unused: torch.Tensor) -> torch.Tensor:
+            return self.fc(x)
+
+    x, u = torch.randn(2, 4), torch.randn(2, 5)
+    report = export_onnx(idap_fx.trace(Unused(), (x, u)), (x, u), tmp_path / "u.onnx")
+    assert report.max_rel_error <= 1e-4
+
+
+def test_input_without_batch_dim_needs_static_batch(tmp_path) -> None:
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) * scale
+
+    x, scale = torch.randn(2, 4), torch.randn(3)
+    gm = idap_fx.trace(Scaled(), (x, scale))
+    with pytest.raises(ExportError, match="dynamic_batch=False"):
+        export_onnx(gm, (x, scale), tmp_path / "s.onnx")
+    assert export_onnx(gm, (x, scale), tmp_path / "s.onnx", dynamic_batch=False).max_rel_error <= 1e-4
+
+
 def test_bad_arguments(tmp_path) -> None:
     gm, x = pruned("resnet18")
     with pytest.raises(ExportError, match="unknown exporter"):

@@ -135,9 +135,14 @@ def test_bad_arguments(models, tmp_path) -> None:
         check_latency(tmp_path / "missing.onnx", optimized, x)
     with pytest.raises(IdapError, match="example inputs"):
         check_latency(original, optimized, (x, x), repeats=1)
-    export_onnx(original, x, tmp_path / "a.onnx", dynamic_batch=False)
-    with pytest.raises(IdapError, match="takes 1 inputs but 2 example inputs"):
-        check_latency(tmp_path / "a.onnx", tmp_path / "a.onnx", (x, x), repeats=1)
+
+    class TwoInputs(nn.Module):
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return a * b
+
+    export_onnx(TwoInputs(), (x, x), tmp_path / "two.onnx", dynamic_batch=False)
+    with pytest.raises(IdapError, match="takes 2 inputs but 1 example inputs"):
+        check_latency(tmp_path / "two.onnx", tmp_path / "two.onnx", x, repeats=1)
 
 
 def test_reports_are_finite(models) -> None:
