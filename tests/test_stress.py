@@ -5,7 +5,8 @@ split/chunk, grouped and depthwise convs, BatchNorm, SE gates, layer scales, fla
 view -> linear heads, ops without a rule as a wrapped function or an opaque leaf), kept
 to at most three blocks of 2-6 channels on 8x8 inputs so that an example costs
 milliseconds. Example counts are set per test (not by the profile): 1,000 architectures
-through the prune == mask oracle and 300 more through random ``optimize`` runs, which
+through the prune == mask oracle and 300 more through random ``optimize`` runs (stage 1,
+stage 2 or both), which
 may raise only documented ``IdapError`` subclasses and must keep their promises (budget,
 target, shapes, finite weights, caller's model untouched) when they succeed. About 2 %
 of the examples of each also go through ONNX export and onnxruntime parity. Measured
@@ -96,6 +97,10 @@ stage1_options = st.tuples(
     aims,
     st.fixed_dictionaries(
         {
+            "passes": st.sampled_from(
+                [["prune_channels"], ["prune_channels", "skip_layers"], ["skip_layers"]]
+            ),
+            "max_skips": st.integers(1, 3),
             "importance": st.sampled_from(["divergence", "l1", "bn_scale", "random"]),
             "schedule": schedules,
             "min_channels": st.integers(1, 2),
@@ -114,7 +119,7 @@ stage1_options = st.tuples(
     batch=st.integers(1, 3),
     seed=st.integers(0, 2**16),
 )
-def test_random_stage1_runs_fail_only_with_documented_errors(
+def test_random_optimize_runs_fail_only_with_documented_errors(
     spec: dict, options: dict[str, Any], n_batches: int, batch: int, seed: int, tmp_path_factory
 ):
     gm, x = _build(spec, seed)
@@ -124,12 +129,13 @@ def test_random_stage1_runs_fail_only_with_documented_errors(
     try:
         res = idap_fx.optimize(gm, x, calibration=calibration, strict=False, quiet=True, seed=seed, **options)
     except idap_fx.IdapError as exc:
-        event(f"stage-1 raised {type(exc).__name__}")
+        event(f"optimize raised {type(exc).__name__}")
         note(f"{type(exc).__name__}: {exc}")
         return
     finally:
         assert state_hash(gm) == before  # the caller's model is never touched, error or not
-    event(f"stage-1 stop: {res.report.stop_reason.split(': ', 1)[-1].split(' (')[0]}")
+    for stop in res.report.stop_reason.split("; "):
+        event(f"stop: {stop.split(' (')[0]}")
     rep = res.report
     assert rep.macs_after <= rep.macs_before and rep.params_after <= rep.params_before
     if options["budget"] is not None:
