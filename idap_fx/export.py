@@ -9,7 +9,10 @@ reaches ``path``: the file is written next to it under a temporary name and
 moved into place with ``os.replace``, so an interrupted or failed export leaves
 no file behind and never clobbers an existing one.
 
-Exporter: the TorchScript-based exporter (``dynamo=False``) is the default. On
+Exporter: the TorchScript-based exporter (``dynamo=False``) is the default
+(``exporter="auto"``), except for graphs of ATen ops (GraphModules that come from
+``torch.export``, ``idap_fx.exported.from_exported``), which only the dynamo
+exporter can export. On
 torch 2.14.1 it exported ten pruned torchvision GraphModules 3-35x faster than
 the torch.export-based one, with static-batch graphs as fast in onnxruntime, and
 exported the plain vit_b_16 module correctly where the dynamo exporter baked the
@@ -45,8 +48,8 @@ from idap_fx.passes.fold_bn import FoldBatchNorm
 
 __all__ = ["DEFAULT_EXPORTER", "ExportReport", "atomic_output", "export_onnx", "onnx_feed"]
 
-Exporter = Literal["torchscript", "dynamo"]
-DEFAULT_EXPORTER: Exporter = "torchscript"
+Exporter = Literal["auto", "torchscript", "dynamo"]
+DEFAULT_EXPORTER: Exporter = "auto"
 _MAX_WEIGHT_BYTES = 2 * 1024**3
 _TINY = 1e-12
 
@@ -143,7 +146,7 @@ def _export(
     out_ndims: list[int],
     path: str,
     *,
-    exporter: Exporter,
+    exporter: Literal["torchscript", "dynamo"],
     opset: int | None,
     dynamic_batch: bool,
 ) -> None:
@@ -175,6 +178,17 @@ def _export(
             )
     except Exception as e:
         raise ExportError(f"the {exporter} exporter failed: {type(e).__name__}: {e}") from e
+
+
+def _has_aten_ops(model: torch.nn.Module) -> bool:
+    """Whether a GraphModule (or one nested in it) calls ATen operator overloads, as torch.export graphs do."""
+    return any(
+        isinstance(n.target, torch._ops.OpOverload | torch._ops.OpOverloadPacket)
+        for m in model.modules()
+        if isinstance(m, fx.GraphModule)
+        for n in m.graph.nodes
+        if n.op == "call_function"
+    )
 
 
 def _slim(path: str, slim: bool) -> str:
@@ -256,13 +270,18 @@ def export_onnx(
 ) -> ExportReport:
     """Export ``gm`` to ONNX at ``path`` and prove that onnxruntime reproduces it.
 
+    ``exporter="auto"`` uses the TorchScript-based exporter, or the dynamo one for
+    graphs of ATen ops (from ``torch.export``); ``ExportReport.exporter`` says which ran.
+
     Raises ``ExportError`` (directory missing/read-only: before exporting; exporter,
     checker or onnxruntime failure) or ``ParityError`` (relative error above ``rtol``).
     On any failure no file is left at ``path`` and an existing file there is untouched.
     """
     start = time.perf_counter()
-    if exporter not in ("torchscript", "dynamo"):
-        raise ExportError(f"unknown exporter {exporter!r}; use 'torchscript' or 'dynamo'")
+    if exporter not in ("auto", "torchscript", "dynamo"):
+        raise ExportError(f"unknown exporter {exporter!r}; use 'auto', 'torchscript' or 'dynamo'")
+    if exporter == "auto":
+        exporter = "dynamo" if _has_aten_ops(gm) else "torchscript"
     inputs = _as_inputs(example_inputs)
     with atomic_output(path) as tmp:
         model, bn_folded = _prepare(gm, inputs, fold_bn)
@@ -275,7 +294,8 @@ def export_onnx(
             except ExportError as e:
                 raise ExportError(
                     f"{e}; with dynamic_batch=True dim 0 of every input is the batch and the model is "
-                    "checked at twice the example batch: pass dynamic_batch=False if an input has no batch dim"
+                    "checked at twice the example batch: pass dynamic_batch=False if an input has no batch "
+                    "dim or the model fixes its batch size (a torch.export program without a dynamic batch Dim)"
                 ) from e
         _export(
             model,

@@ -74,7 +74,7 @@ def test_pruned_family_exports_with_parity(name: str, tmp_path) -> None:
     gm, x = pruned(name)
     path = tmp_path / f"{name}.onnx"
     report = export_onnx(gm, x, path)
-    assert report.max_rel_error <= 1e-4
+    assert report.max_rel_error <= 1e-4 and report.exporter == "torchscript"
     assert report.path == str(path) and report.onnx_bytes == path.stat().st_size
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto)
@@ -303,6 +303,23 @@ def test_bad_arguments(tmp_path) -> None:
     with pytest.raises(ExportError, match="example_inputs"):
         export_onnx(gm, [], tmp_path / "m.onnx")
     assert os.listdir(tmp_path) == []
+
+
+def test_torch_export_graph_uses_dynamo_exporter(tmp_path) -> None:
+    """A pruned GraphModule from torch.export holds ATen ops, which only the dynamo exporter handles."""
+    from idap_fx.exported import from_exported
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 3), nn.Flatten(1)).eval()
+    x = torch.randn(1, 3, 10, 10)
+    gm = from_exported(torch.export.export(model, (x,)), (x,))
+    dg = idap_fx.analyze(gm)
+    small = idap_fx.prune(gm, random_plan(dg, 0.3), dg)
+    report = export_onnx(small, x, tmp_path / "ep.onnx", dynamic_batch=False)
+    assert report.exporter == "dynamo" and report.max_rel_error <= 1e-4
+    # The program was exported for batch 1 and guards it: a dynamic batch cannot be promised.
+    with pytest.raises(ExportError, match="fixes its batch size"):
+        export_onnx(small, x, tmp_path / "dyn.onnx")
+    assert os.listdir(tmp_path) == ["ep.onnx"]
 
 
 def test_dynamo_exporter_selectable(tmp_path) -> None:
