@@ -206,6 +206,16 @@ def test_save_refuses_unlisted_function_and_writes_nothing(tmp_path) -> None:
     assert os.listdir(tmp_path) == []
 
 
+def test_save_refuses_torch_export_graph(tmp_path) -> None:
+    from idap_fx.exported import from_exported
+
+    x = torch.randn(1, 4)
+    gm = from_exported(torch.export.export(nn.Linear(4, 2), (x,)), (x,))
+    with pytest.raises(ExportError, match="codegen"):
+        save(gm, tmp_path / "m.pt")
+    assert os.listdir(tmp_path) == []
+
+
 def test_save_needs_graph_module(tmp_path) -> None:
     with pytest.raises(ExportError, match="GraphModule"):
         save(nn.Linear(2, 2), tmp_path / "m.pt")
