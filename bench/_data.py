@@ -150,6 +150,26 @@ def fine_tune(
     return model
 
 
+def recalibrate_bn(model: nn.Module, batches: Sequence[torch.Tensor]) -> nn.Module:
+    """A copy of ``model`` whose BatchNorm running statistics are re-estimated on ``batches`` (no labels, no gradients).
+
+    Pruning changes the distribution every BatchNorm sees while its stored statistics
+    stay those of the unpruned network; re-estimating them (a cumulative average over
+    ``batches``) is the cheapest data-free-of-labels repair. Used by the benchmarks as a
+    diagnostic column for every method alike; idap_fx itself does not do it.
+    """
+    m = copy.deepcopy(model)
+    for mod in m.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            mod.reset_running_stats()
+            mod.momentum = None
+    m.train()
+    with torch.no_grad():
+        for b in batches:
+            m(b)
+    return m.eval()
+
+
 class GroupMeanDivergence:
     """Diagnostic only, not an idap_fx criterion: divergence scores divided by their group's mean.
 

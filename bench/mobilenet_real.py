@@ -17,6 +17,9 @@ Methods at the same MACs: idap_fx ``divergence``, ``l1``, ``random`` (bias compe
 on, no labels), Torch-Pruning 1.6.1 ``MagnitudePruner`` (default: the same ratio in every
 layer; ratio bisected to the divergence result's MACs, within 1 %). **one-shot**: no
 training (idap_fx still runs its iterative, re-scored schedule on calibration images).
+**+BN recal.**: the one-shot model with its BatchNorm statistics re-estimated on the
+calibration and distillation views (``_data.recalibrate_bn``; no labels, no gradients;
+a diagnostic for every method alike, not something idap_fx does).
 **+distil**: a short distillation of ``--distill-steps`` AdamW steps (batch 8) in total —
 idap_fx's built-in one (``train_loader=``, spread over its pruning steps), for
 Torch-Pruning the same number of steps of ``_data.fine_tune`` (KL to the original,
@@ -44,6 +47,7 @@ from _data import (
     fine_tune,
     imagenet_mobilenet_v2,
     photos,
+    recalibrate_bn,
     single_thread,
     tp_prune_to_macs,
 )
@@ -90,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     unseen = [images[k] for k in UNSEEN]
     calib = augmented_views(seen, args.calib, args.size, seed=0)
     train = torch.cat(augmented_views(seen, 160, args.size, seed=1))
+    recal = [*calib, *train.split(8)]
     held = augmented_views(seen, 112, args.size, seed=2)
     other = augmented_views(unseen, 40, args.size, seed=3)
     example = calib[0][:1]
@@ -122,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             n_steps = len(res.report.steps)
             evaluate(name, target, "one-shot", res.model, res.report.macs_ratio,
                      f"{n_steps} pruning steps, {time.perf_counter() - t0:.0f} s")  # fmt: skip
+            evaluate(name, target, "+BN recal.", recalibrate_bn(res.model, recal), res.report.macs_ratio)
             if name == "divergence/group-mean":
                 continue
             t0 = time.perf_counter()
@@ -134,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         tp_model, ratio, tp_macs = tp_prune_to_macs(model, example, div_macs, _ignored)
         evaluate("torch-pruning", target, "one-shot", tp_model, tp_macs / macs0,
                  f"ratio {ratio:.3f}, {time.perf_counter() - t0:.0f} s")  # fmt: skip
+        evaluate("torch-pruning", target, "+BN recal.", recalibrate_bn(tp_model, recal), tp_macs / macs0)
         t0 = time.perf_counter()
         fine_tune(tp_model, model, iter(stream()), args.distill_steps)
         evaluate("torch-pruning", target, "+distil", tp_model, tp_macs / macs0,

@@ -8,6 +8,9 @@ the same counter (``torch.utils.flop_counter``):
 * **no training** — idap_fx with bias compensation (its iterative schedule, re-scored
   every step, calibration images only, no labels; the ``no comp.`` column switches the
   compensation off) vs Torch-Pruning one-shot;
+* **+ BN recal.** — the models of the first column with their BatchNorm statistics
+  re-estimated on the calibration images (``_data.recalibrate_bn``; no labels, no
+  gradients): a diagnostic applied to every method alike, not something idap_fx does;
 * **+FT** — the pruned models of the first column fine-tuned by one identical loop
   (``_data.fine_tune``: AdamW lr 1e-4, CE + KL to the unpruned model, BN frozen) for
   ``--ft-steps`` steps, so only the choice of channels differs;
@@ -46,6 +49,7 @@ from _data import (
     cache_path,
     digits_splits,
     fine_tune,
+    recalibrate_bn,
     seed_all,
     single_thread,
     tp_prune_to_macs,
@@ -192,11 +196,12 @@ def run_seed(seed: int, args: argparse.Namespace, data: dict[str, Any]) -> list[
                 }
             )  # fmt: skip
         for row in new:
+            row["recal"] = accuracy(recalibrate_bn(found[row["method"]], calib), x_te, y_te)
             tuned = fine_tune(found[row["method"]], model, iter(stream(args.ft_steps)), args.ft_steps)
             row |= {"seed": seed, "target": target, "ft": accuracy(tuned, x_te, y_te)}
             print(
                 f"  {target:.0%} {row['method']:<22} MACs {row['macs']:.3f}  none {row['none']:6.2f}  "
-                f"no comp. {row.get('nocomp', math.nan):6.2f}  +FT {row['ft']:6.2f}  "
+                f"no comp. {row.get('nocomp', math.nan):6.2f}  BN recal. {row['recal']:6.2f}  +FT {row['ft']:6.2f}  "
                 f"+distil {row.get('distil', math.nan):6.2f}"
             )
         rows += new
@@ -226,24 +231,25 @@ def summarize(rows: list[dict[str, Any]], args: argparse.Namespace, wall: float)
         f"Calibration: {args.calib} batches of 64 training images. Training budget for +FT and +distil: "
         f"{args.ft_steps} AdamW steps of 64 labelled training images, the same for every method.",
         "",
-        "| MACs target | method | MACs (measured) | no training | no training, no comp. | +FT (same loop) "
-        "| idap_fx +distil |",
-        "|---|---|---|---|---|---|---|",
+        "| MACs target | method | MACs (measured) | no training | no training, no comp. "
+        "| no training + BN recal. | +FT (same loop) | idap_fx +distil |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for target in args.targets:
         for m in METHODS:
             lines.append(
                 f"| {target:.0%} | {m} | {statistics.mean(pick(m, target, 'macs')):.3f} "
                 f"| {_mean_std(pick(m, target, 'none'))} | {_mean_std(pick(m, target, 'nocomp'))} "
-                f"| {_mean_std(pick(m, target, 'ft'))} | {_mean_std(pick(m, target, 'distil'))} |"
+                f"| {_mean_std(pick(m, target, 'recal'))} | {_mean_std(pick(m, target, 'ft'))} "
+                f"| {_mean_std(pick(m, target, 'distil'))} |"
             )
     lines += [
         "",
         "idap_fx divergence minus the better Torch-Pruning variant, percentage points (mean over seeds). "
         "Target: ≥ +3 without training, ≥ +1 after fine-tuning.",
         "",
-        "| MACs | no training | +FT (same loop) | idap_fx +distil vs TP +FT |",
-        "|---|---|---|---|",
+        "| MACs | no training | + BN recal. | +FT (same loop) | idap_fx +distil vs TP +FT |",
+        "|---|---|---|---|---|",
     ]
     for target in args.targets:
         tp = {k: max(statistics.mean(pick(m, target, k)) for m in TP_METHODS) for k in ("none", "ft")}
@@ -256,15 +262,16 @@ def summarize(rows: list[dict[str, Any]], args: argparse.Namespace, wall: float)
         "",
         "Per seed:",
         "",
-        "| seed | target | method | MACs | no training | no comp. | +FT | +distil | distil steps used "
-        "| idap prune steps |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| seed | target | method | MACs | no training | no comp. | BN recal. | +FT | +distil "
+        "| distil steps used | idap prune steps |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["method"] != "unpruned":
             lines.append(
                 f"| {r['seed']} | {r['target']:.0%} | {r['method']} | {r['macs']:.3f} | {r['none']:.1f} "
-                f"| {r.get('nocomp', math.nan):.1f} | {r['ft']:.1f} | {r.get('distil', math.nan):.1f} "
+                f"| {r.get('nocomp', math.nan):.1f} | {r['recal']:.1f} | {r['ft']:.1f} "
+                f"| {r.get('distil', math.nan):.1f} "
                 f"| {r.get('distil_steps', '')} | {r.get('prune_steps', '')} |"
             )
     lines += ["", f"Wall time {wall:.0f} s, torch {torch.__version__}, 1 thread."]
@@ -272,17 +279,22 @@ def summarize(rows: list[dict[str, Any]], args: argparse.Namespace, wall: float)
 
 
 def plot(rows: list[dict[str, Any]], args: argparse.Namespace, path: str) -> None:
-    """Accuracy vs MACs ratio, one line per method: left without training, right after the same fine-tune."""
+    """Accuracy vs MACs ratio, one line per method: without training, + BN recalibration, after the same fine-tune."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=True)
     base = statistics.mean(r["none"] for r in rows if r["method"] == "unpruned")
     styles = {"divergence": "C0o-", "l1": "C1s-", "random": "C7^-", "divergence/group-mean": "C0o:",
               "torch-pruning": "C3D-", "torch-pruning global": "C3D:"}  # fmt: skip
-    for ax, key, title in ((axes[0], "none", "no training"), (axes[1], "ft", f"+FT ({args.ft_steps} steps)")):
+    panels = (
+        ("none", "no training"),
+        ("recal", "no training + BN recal."),
+        ("ft", f"+FT ({args.ft_steps} steps)"),
+    )
+    for ax, (key, title) in zip(axes, panels, strict=True):
         for method, style in styles.items():
             xs, ys, es = [1.0], [base], [0.0]
             for target in sorted(args.targets, reverse=True):
@@ -292,11 +304,11 @@ def plot(rows: list[dict[str, Any]], args: argparse.Namespace, path: str) -> Non
                 ys.append(statistics.mean(vals))
                 es.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
             ax.errorbar(xs, ys, yerr=es, fmt=style, capsize=3, label=method)
-        ax.set_title(f"DigitsNet / sklearn digits: {title}")
+        ax.set_title(title)
         ax.set_xlabel("MACs (fraction of the unpruned model)")
         ax.invert_xaxis()
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("test accuracy (%)")
+    axes[0].set_ylabel("test accuracy (%), DigitsNet on scikit-learn digits")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
