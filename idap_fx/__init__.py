@@ -14,8 +14,11 @@ from idap_fx.errors import (
     PlanError,
     TraceError,
 )
+from idap_fx.export import ExportReport, export_onnx
+from idap_fx.latency import LatencyReport, check_latency
 from idap_fx.optimize import OptimizeReport, OptimizeResult, optimize
 from idap_fx.scoring import score
+from idap_fx.serialize import load, save
 from idap_fx.surgery import mask, prune
 from idap_fx.trace import trace
 from idap_fx.visualize import to_dot, visualize
@@ -26,17 +29,23 @@ __all__ = [
     "ChannelGroup",
     "DependencyGraph",
     "ExportError",
+    "ExportReport",
     "GroupMember",
     "IdapError",
+    "LatencyReport",
     "OptimizeReport",
     "OptimizeResult",
     "ParityError",
     "PlanError",
     "TraceError",
     "analyze",
+    "check_latency",
+    "export_onnx",
+    "load",
     "mask",
     "optimize",
     "prune",
+    "save",
     "score",
     "to_dot",
     "trace",

@@ -71,8 +71,9 @@ class Budget:
             value = float(self.evaluate(model))
         except Exception as exc:
             raise BudgetError(f"the evaluate callback raised {type(exc).__name__}: {exc}") from exc
-        if math.isnan(value):
-            raise BudgetError("the evaluate callback returned NaN")
+        if not math.isfinite(value):
+            shown = "NaN" if math.isnan(value) else value
+            raise BudgetError(f"the evaluate callback returned {shown}; it must return a finite number")
         return value
 
     def deviation(self, model: nn.Module) -> float:

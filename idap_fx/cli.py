@@ -128,7 +128,9 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--passes", default="prune_channels", help="comma-separated: prune_channels,skip_layers")
     o.add_argument("--importance", default="divergence", help="divergence, l1, bn_scale, random")
     o.add_argument("--calibration", help="folder of images, or a .pt/.npy tensor file")
-    o.add_argument("--round-to", type=int, default=1, help="keep widths multiples of this")
+    o.add_argument(
+        "--round-to", type=int, default=8, help="keep widths multiples of this (8: fast ONNX Runtime convs)"
+    )
     o.add_argument("--opset", type=int, default=None)
     o.add_argument("--out", default="model.onnx", help="ONNX output path")
     o.add_argument("--report", default="report.json", help="JSON report path (a .md is written next to it)")

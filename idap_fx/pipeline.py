@@ -56,6 +56,8 @@ def top1_agreement(
 def _check_writable(path: str | os.PathLike[str] | None) -> None:
     if path is None:
         return
+    if os.path.isdir(path):
+        raise ExportError(f"cannot write {path}: it is a directory")
     directory = os.path.dirname(os.path.abspath(os.fspath(path)))
     if not os.path.isdir(directory):
         raise ExportError(f"cannot write {path}: directory {directory} does not exist")

@@ -92,6 +92,11 @@ def run_fine_tune(
     except Exception as exc:
         raise IdapError(f"the fine_tune callback raised {type(exc).__name__}: {exc}") from exc
     out = result if isinstance(result, nn.Module) else model
+    if out is not model and set(out.state_dict()) != set(shapes):
+        raise IdapError(
+            f"the fine_tune callback returned a {type(out).__name__} with other parameters than the pruned "
+            "model it was given; train the given model in place (or return it)"
+        )
     for k, v in out.state_dict().items():
         if shapes.get(k) != tuple(v.shape):
             raise IdapError(

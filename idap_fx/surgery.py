@@ -62,10 +62,17 @@ class _Rewrite:
         cuts: dict[str, dict[int, np.ndarray]] = {}
         for m in self.dg.members:
             cuts.setdefault(m.param, {}).setdefault(m.dim, m.ids)
+        replaced: dict[int, torch.Tensor] = {}  # one tensor under several names (tied weights) stays one
         for qualname, dims in cuts.items():
             owner_name, attr = _split_name(qualname)
             owner = self.gm.get_submodule(owner_name)
             tensor = getattr(owner, attr)
+            if id(tensor) in replaced:
+                if isinstance(tensor, nn.Parameter):
+                    setattr(owner, attr, replaced[id(tensor)])
+                else:
+                    owner._buffers[attr] = replaced[id(tensor)]
+                continue
             new, changed = tensor.detach(), False
             for dim, ids in dims.items():
                 keep = ~self.removed[ids]
@@ -74,10 +81,16 @@ class _Rewrite:
                     changed = True
             if not changed:
                 continue
+            fresh = (
+                nn.Parameter(new.clone(), requires_grad=tensor.requires_grad)
+                if isinstance(tensor, nn.Parameter)
+                else new.clone()
+            )
+            replaced[id(tensor)] = fresh
             if isinstance(tensor, nn.Parameter):
-                setattr(owner, attr, nn.Parameter(new.clone(), requires_grad=tensor.requires_grad))
+                setattr(owner, attr, fresh)
             else:
-                owner._buffers[attr] = new.clone()
+                owner._buffers[attr] = fresh
 
     def resync_modules(self) -> None:
         done: set[str] = set()

@@ -490,7 +490,6 @@ def test_evaluate_that_raises_or_returns_nan(evaluate, message):
     guard.intact()
 
 
-@pytest.mark.xfail(strict=True, reason="budget.Budget._evaluate refuses NaN but not ±Inf (fix in budget.py)")
 def test_evaluate_returning_inf_is_refused():
     with pytest.raises(BudgetError, match="the evaluate callback returned"):
         _optimize(_net(), budget=0.05, evaluate=lambda _: math.inf)
@@ -661,14 +660,7 @@ def test_existing_output_is_replaced_atomically_only_on_success(optimized, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
-_RUN_JOB_DIR_GAP = pytest.mark.xfail(
-    strict=True,
-    reason="run_job writes through distributed.main_output, whose temporary-file rename raises a bare "
-    "IsADirectoryError after all the work; pipeline._check_writable should refuse a directory up front",
-)
-
-
-@pytest.mark.parametrize("writer", ["export_onnx", "save", pytest.param("run_job", marks=_RUN_JOB_DIR_GAP)])
+@pytest.mark.parametrize("writer", ["export_onnx", "save", "run_job"])
 def test_output_path_that_is_a_directory_is_an_export_error(optimized, tmp_path, writer):
     (tmp_path / "out.onnx").mkdir()
     with pytest.raises(ExportError, match=r"cannot write .*out\.onnx: it is a directory"):
@@ -747,9 +739,6 @@ def test_tied_weights_are_one_group_and_prune_matches_mask(case):
     guard.intact()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="surgery.slice_parameters slices each name separately: the tie is lost"
-)
 @pytest.mark.parametrize("case", ["embedding-lm-head", "tied-convs"])
 def test_prune_keeps_tied_weights_tied(case):
     make, inputs, _ = TIED[case]

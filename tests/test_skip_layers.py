@@ -367,7 +367,7 @@ def test_optimize_with_skip_layers(passes: tuple[str, ...]) -> None:
     assert {r["name"] for r in rep.removed_layers} == TINY
     assert all({"name", "score", "delta", "kind"} <= r.keys() for r in rep.removed_layers)
     assert rep.macs_after < rep.macs_before and rep.budget_consumed <= 0.05
-    assert "removed layer" in rep.to_markdown() and "blocks.1[conv1..bn2]" in rep.to_markdown()
+    assert "layer (stage 2)" in rep.to_markdown() and "blocks.1[conv1..bn2]" in rep.to_markdown()
     assert any(k.startswith("skip_") for k in rep.timings)
     assert res.model(x).shape == (1, 10)
     if "prune_channels" in passes:
