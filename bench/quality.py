@@ -25,14 +25,16 @@ global ranking (what Torch-Pruning's normaliser does), to test whether the cross
 scale of the raw scores is what hurts.
 
 Test accuracy (%) is the mean over ``--seeds`` (each seed trains its own network and
-seeds the random criterion). Writes ``bench/results/quality.md`` and ``quality.png``.
+seeds the random criterion). Writes ``bench/results/quality.md``, ``quality.png`` and the
+raw rows as ``quality.json`` (``--from-json`` re-renders the table and plot from them).
 
-    .venv/bin/python bench/quality.py            # 3 seeds, about 10 min on one core
+    .venv/bin/python bench/quality.py            # 5 seeds, about 15 min on one shared core
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import time
@@ -231,14 +233,15 @@ def summarize(rows: list[dict[str, Any]], args: argparse.Namespace, wall: float)
         f"Calibration: {args.calib} batches of 64 training images. Training budget for +FT and +distil: "
         f"{args.ft_steps} AdamW steps of 64 labelled training images, the same for every method.",
         "",
-        "| MACs target | method | MACs (measured) | no training | no training, no comp. "
+        "| MACs target | method | MACs (mean, min–max) | no training | no training, no comp. "
         "| no training + BN recal. | +FT (same loop) | idap_fx +distil |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for target in args.targets:
         for m in METHODS:
+            macs = pick(m, target, "macs")
             lines.append(
-                f"| {target:.0%} | {m} | {statistics.mean(pick(m, target, 'macs')):.3f} "
+                f"| {target:.0%} | {m} | {statistics.mean(macs):.3f} ({min(macs):.3f}–{max(macs):.3f}) "
                 f"| {_mean_std(pick(m, target, 'none'))} | {_mean_std(pick(m, target, 'nocomp'))} "
                 f"| {_mean_std(pick(m, target, 'recal'))} | {_mean_std(pick(m, target, 'ft'))} "
                 f"| {_mean_std(pick(m, target, 'distil'))} |"
@@ -252,11 +255,13 @@ def summarize(rows: list[dict[str, Any]], args: argparse.Namespace, wall: float)
         "|---|---|---|---|---|",
     ]
     for target in args.targets:
-        tp = {k: max(statistics.mean(pick(m, target, k)) for m in TP_METHODS) for k in ("none", "ft")}
-        d = {k: statistics.mean(pick("divergence", target, k)) for k in ("none", "ft", "distil")}
+        tp = {
+            k: max(statistics.mean(pick(m, target, k)) for m in TP_METHODS) for k in ("none", "recal", "ft")
+        }
+        d = {k: statistics.mean(pick("divergence", target, k)) for k in ("none", "recal", "ft", "distil")}
         lines.append(
-            f"| {target:.0%} | {d['none'] - tp['none']:+.1f} | {d['ft'] - tp['ft']:+.1f} "
-            f"| {d['distil'] - tp['ft']:+.1f} |"
+            f"| {target:.0%} | {d['none'] - tp['none']:+.1f} | {d['recal'] - tp['recal']:+.1f} "
+            f"| {d['ft'] - tp['ft']:+.1f} | {d['distil'] - tp['ft']:+.1f} |"
         )
     lines += [
         "",
@@ -317,22 +322,33 @@ def plot(rows: list[dict[str, Any]], args: argparse.Namespace, path: str) -> Non
 def main(argv: Sequence[str] | None = None) -> None:
     """Run every seed, print and write the table and the plot."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--targets", type=float, nargs="+", default=[0.7, 0.5])
     p.add_argument("--calib", type=int, default=8, help="calibration batches of 64 training images")
     p.add_argument("--ft-steps", type=int, default=100, help="training steps (batch 64) per method")
-    p.add_argument("--out", default=str(RESULTS / "quality"))
+    p.add_argument("--out", default=str(RESULTS / "quality"), help="path prefix for .md, .png and .json")
+    p.add_argument("--from-json", help="re-render the table and plot from a saved .json, running nothing")
     args = p.parse_args(argv)
-    single_thread()
-    start = time.perf_counter()
-    data = digits_splits(TRAIN["split_seed"])
-    args.test_size = len(data["test"][1])
-    rows = [r for s in args.seeds for r in run_seed(s, args, data)]
-    report = summarize(rows, args, time.perf_counter() - start)
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        rows, wall = saved["rows"], saved["wall"]
+        vars(args).update(saved["args"])
+    else:
+        single_thread()
+        start = time.perf_counter()
+        data = digits_splits(TRAIN["split_seed"])
+        args.test_size = len(data["test"][1])
+        rows = [r for s in args.seeds for r in run_seed(s, args, data)]
+        wall = time.perf_counter() - start
+    report = summarize(rows, args, wall)
     print(report)
     RESULTS.mkdir(exist_ok=True)
     with open(args.out + ".md", "w") as f:
         f.write(report)
+    keep = {k: getattr(args, k) for k in ("seeds", "targets", "calib", "ft_steps", "test_size")}
+    with open(args.out + ".json", "w") as f:
+        json.dump({"rows": rows, "wall": wall, "args": keep}, f, indent=1)
     plot(rows, args, args.out + ".png")
 
 
