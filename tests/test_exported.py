@@ -68,6 +68,18 @@ def test_depthwise_groups_argument_follows_the_channels() -> None:
     assert pruned(x).shape == (1, 1000)
 
 
+def test_dynamic_batch_survives_pruning() -> None:
+    """Exported with a symbolic batch dim, the pruned graph runs at another batch size."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    x = torch.randn(2, 3, 32, 32)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    gm = from_exported(torch.export.export(model, (x,), dynamic_shapes=({0: batch},)))
+    dg = idap_fx.analyze(gm)
+    assert not dg.boundaries and len(dg.prunable) == 12
+    _oracle(gm, dg, random_plan(dg, 0.3, seed=4), torch.randn(5, 3, 32, 32))
+
+
 @pytest.mark.xfail(strict=True, reason="idap_fx.trace does not yet hand ExportedPrograms to from_exported")
 def test_trace_accepts_an_exported_program() -> None:
     model = torchvision.models.resnet18(weights=None).eval()
