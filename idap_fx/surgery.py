@@ -119,6 +119,8 @@ class _Rewrite:
     def update_meta(self) -> None:
         """Keep node shapes current so the pruned graph can be analysed again without inputs."""
         for node in self.gm.graph.nodes:
+            if node.op == "output":  # no layout of its own; its inputs carry the shapes
+                continue
             meta = node.meta.get("tensor_meta")
             if is_tensor_meta(meta):
                 node.meta["tensor_meta"] = meta._replace(shape=torch.Size(self.shape(node)))

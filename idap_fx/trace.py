@@ -227,6 +227,10 @@ def trace(
     inputs, parameters or buffers in place (in-place ops on intermediate activations,
     such as ``ReLU(inplace=True)``, are fine).
     """
+    if isinstance(model, torch.export.ExportedProgram):
+        from idap_fx.exported import from_exported
+
+        return from_exported(model, example_inputs)
     if not isinstance(model, nn.Module):
         raise TraceError(f"trace() takes an nn.Module or a GraphModule, got {type(model).__name__}")
     _check_model(model)

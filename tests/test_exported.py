@@ -80,7 +80,6 @@ def test_dynamic_batch_survives_pruning() -> None:
     _oracle(gm, dg, random_plan(dg, 0.3, seed=4), torch.randn(5, 3, 32, 32))
 
 
-@pytest.mark.xfail(strict=True, reason="idap_fx.trace does not yet hand ExportedPrograms to from_exported")
 def test_trace_accepts_an_exported_program() -> None:
     model = torchvision.models.resnet18(weights=None).eval()
     x = torch.randn(1, 3, 32, 32)
