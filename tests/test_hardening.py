@@ -117,7 +117,6 @@ class _InplaceResidual(nn.Module):
         return self.head(w.relu_())
 
 
-@pytest.mark.xfail(strict=True, reason="ops/elementwise.py registers x.relu_() but not torch.relu_ / F.relu_")
 def test_inplace_activation_functions_have_rules():
     gm = idap_fx.trace(nn.Sequential(nn.Conv2d(3, 4, 1), _Call(torch.relu_), nn.Conv2d(4, 2, 1)), X)
     assert not idap_fx.analyze(gm).boundaries

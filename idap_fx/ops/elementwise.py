@@ -34,6 +34,7 @@ FUNCTIONS = (
     F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.leaky_relu, F.elu,
     F.selu, F.celu, F.mish, F.softplus, F.hardtanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
     F.alpha_dropout,
+    torch.relu_, torch.sigmoid_, torch.tanh_, torch.clamp_, F.relu_, F.elu_, F.leaky_relu_, F.hardtanh_,
 )  # fmt: skip
 METHODS = (
     "add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "relu", "relu_", "sigmoid", "sigmoid_",
