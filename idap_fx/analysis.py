@@ -17,7 +17,7 @@ from torch import fx
 from idap_fx import ops  # noqa: F401  (fills the registry)
 from idap_fx.dependency import Coupling, DependencyGraph
 from idap_fx.errors import AnalysisError
-from idap_fx.layout import Axis, Dynamic, Layout, all_ids, dim_ids
+from idap_fx.layout import Axis, Dynamic, Layout, all_ids, dim_ids, layouts_in
 from idap_fx.ops.registry import is_tensor_meta, lookup, meta_shape
 
 
@@ -68,7 +68,7 @@ class RuleContext:
 
     def freeze_layout(self, layout: Any, reason: str) -> None:
         """Freeze every channel in a value (layouts nested in tuples too)."""
-        for lay in _layouts(layout):
+        for lay in layouts_in(layout):
             self.coupling.freeze(all_ids(lay), reason)
 
     def frozen_fresh(self, node: fx.Node, shape: Sequence[int], reason: str) -> Layout:
@@ -81,16 +81,6 @@ class RuleContext:
             self.coupling.freeze(ids, reason)
             axes.append(Axis((d,), ids))
         return Layout(len(shape), tuple(axes))
-
-
-def _layouts(value: Any) -> list[Layout]:
-    if isinstance(value, Layout):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [lay for v in value for lay in _layouts(v)]
-    if isinstance(value, dict):
-        return [lay for v in value.values() for lay in _layouts(v)]
-    return []
 
 
 class LayoutProp(fx.Interpreter):
@@ -197,7 +187,7 @@ def _size_value(n: fx.Node, env: dict[fx.Node, Any]) -> Dynamic:
         if isinstance(v, Dynamic):
             taints.append(v.taint)
         else:
-            taints.extend(all_ids(lay) for lay in _layouts(v))
+            taints.extend(all_ids(lay) for lay in layouts_in(v))
     return Dynamic(n, np.unique(np.concatenate(taints)) if taints else np.zeros(0, dtype=np.int64))
 
 

@@ -88,6 +88,17 @@ class Dynamic:
     shape_of: Layout | None = None
 
 
+def layouts_in(value: object) -> list[Layout]:
+    """Every Layout inside a (nested) list / tuple / dict value, in order."""
+    if isinstance(value, Layout):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [lay for v in value for lay in layouts_in(v)]
+    if isinstance(value, dict):
+        return [lay for v in value.values() for lay in layouts_in(v)]
+    return []
+
+
 def dim_ids(layout: Layout, dim: int) -> np.ndarray:
     """Elements whose removal changes the extent of ``dim`` of a tensor with ``layout``."""
     axis = layout.axis_of(dim)

@@ -30,7 +30,7 @@ from torch import fx, nn
 from idap_fx.analysis import analyze
 from idap_fx.dependency import DependencyGraph, Plan
 from idap_fx.errors import PlanError
-from idap_fx.layout import Layout
+from idap_fx.layout import Layout, layouts_in
 from idap_fx.ops.registry import is_tensor_meta
 from idap_fx.viewer_assets import PAGE
 
@@ -302,22 +302,12 @@ def _umask() -> int:
     return mask
 
 
-def _layouts(value: Any) -> list[Layout]:
-    if isinstance(value, Layout):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [lay for v in value for lay in _layouts(v)]
-    if isinstance(value, dict):
-        return [lay for v in value.values() for lay in _layouts(v)]
-    return []
-
-
 def _value_groups(
     value: Any, elem_group: np.ndarray, dg: DependencyGraph
 ) -> list[tuple[str, tuple[int, ...]]]:
     """The groups whose channels a node's output carries, with the tensor dims they sit on."""
     found: list[tuple[str, tuple[int, ...]]] = []
-    for lay in _layouts(value):
+    for lay in layouts_in(value):
         for ax in lay.axes:
             for gi in np.unique(elem_group[ax.ids.ravel()]).tolist():
                 if gi >= 0 and (entry := (dg.groups[gi].id, ax.dims)) not in found:
