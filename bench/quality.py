@@ -28,7 +28,7 @@ Test accuracy (%) is the mean over ``--seeds`` (each seed trains its own network
 seeds the random criterion). Writes ``bench/results/quality.md``, ``quality.png`` and the
 raw rows as ``quality.json`` (``--from-json`` re-renders the table and plot from them).
 
-    .venv/bin/python bench/quality.py            # 5 seeds, about 15 min on one shared core
+    .venv/bin/python bench/quality.py            # 5 seeds, about 4.5 min on one idle core
 """
 
 from __future__ import annotations
