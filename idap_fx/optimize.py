@@ -228,6 +228,7 @@ def optimize(
     schedule: str | Schedule | None = None,
     min_channels: int = 1,
     round_to: int = 1,
+    ranking: str = "group",
     prune_inexact: bool = False,
     compensation: bool = True,
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
@@ -259,6 +260,8 @@ def optimize(
         raise IdapError(
             "nothing to aim for: give a target (target_macs / target_params / target_latency) or a budget"
         )
+    if ranking not in ("group", "global"):
+        raise IdapError(f"ranking must be 'group' or 'global', got {ranking!r}")
     names = tuple(passes) if passes is not None else ("prune_channels",)
     unknown = [p for p in names if p not in PASSES]
     if unknown:
@@ -298,6 +301,7 @@ def optimize(
                 target_params=target_params,
                 min_channels=min_channels,
                 round_to=round_to,
+                ranking=ranking,
                 prune_inexact=prune_inexact,
                 compensation=(fine_tune is None and train_loader is None)
                 if compensation is None

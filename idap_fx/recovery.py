@@ -7,7 +7,8 @@
 * ``distill`` — the built-in recipe when a training loader is given: the previous step's
   model is the teacher; loss = task loss (cross-entropy with labels, else KL to the
   teacher's soft outputs, MSE for non-logit outputs) + 0.5 · L1 on three intermediate
-  feature maps (a learned 1×1 adapter where widths differ); AdamW, lr 1e-3, wd 1e-4.
+  feature maps (a learned 1×1 adapter where widths differ); AdamW, lr 1e-4 (the authors used
+  1e-3; see docs/architecture.md), wd 1e-4, BatchNorm statistics frozen.
   Activation-agnostic (ReLU, GELU, SiLU alike). Under ``torch.distributed`` the student
   is wrapped in ``DistributedDataParallel`` and the loader gets a ``DistributedSampler``.
 * ``run_fine_tune`` — a user ``fine_tune(model, teacher)`` callback, checked not to have

@@ -83,6 +83,21 @@ def select_units(
     return plan
 
 
+def normalise_per_group(scores: Scores) -> Scores:
+    """Each group's scores divided by their mean: the ranking compares units to their own layer.
+
+    Raw divergence is not comparable across layers (measured: on the digits CNN a global
+    ranking of raw scores emptied one 8×8 layer and kept 12.5 % accuracy at 70 % MACs;
+    normalised, 97.5 %). Groups whose mean is not a positive finite number keep raw scores.
+    """
+    out = {}
+    for gid, s in scores.items():
+        s = np.asarray(s, dtype=float)
+        mean = s.mean() if s.size else 0.0
+        out[gid] = s / mean if np.isfinite(mean) and mean > 0 else s
+    return out
+
+
 def removable_units(groups: list[ChannelGroup], min_channels: int, round_to: int) -> int:
     """How many units the floors still allow to remove."""
     return sum(max(0, g.size - _min_units(g, min_channels, round_to)) for g in groups)
@@ -119,6 +134,7 @@ class PruneConfig:
     target_params: float | None = None
     min_channels: int = 1
     round_to: int = 1
+    ranking: str = "group"  # "group": scores / their group's mean before the global ranking; "global": raw
     prune_inexact: bool = False
     compensation: bool = True
     fine_tune: Callable[[Any, Any], Any] | None = None
@@ -236,6 +252,8 @@ class PruneChannels(PassBase):
             ctx = ScoringContext(current, dg, cfg.calibration, loss_fn=cfg.loss_fn, seed=cfg.seed + t)
             scores = cfg.importance(ctx)
             self.last_scores = scores
+            if cfg.ranking == "group":
+                scores = normalise_per_group(scores)
             self._time("score", t0)
             rho = cfg.schedule.rho(t)
             self.schedule_used.append(rho)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
@@ -216,3 +217,18 @@ def test_latency_target_stops_pruning_when_met() -> None:
     lat = res.check_latency(repeats=5, warmup=1)
     assert lat.threads == 1 and lat.original_median_ms > 0 and lat.optimized_median_ms > 0
     assert lat.macs_ratio == pytest.approx(res.report.macs_before / res.report.macs_after)
+
+
+def test_group_ranking_compares_units_within_their_layer() -> None:
+    from idap_fx.passes.prune_channels import normalise_per_group
+
+    scores = {
+        "wide": np.array([1e-6, 2e-6, 3e-6]),
+        "narrow": np.array([1.0, 2.0, 3.0]),
+        "bn": np.array([np.inf]),
+    }
+    norm = normalise_per_group(scores)
+    np.testing.assert_allclose(norm["wide"], norm["narrow"])  # scale of a layer no longer decides
+    assert np.isinf(norm["bn"]).all()
+    with pytest.raises(IdapError, match="ranking"):
+        idap_fx.optimize(_tiny(), torch.randn(1, 3, 8, 8), target_macs=0.5, ranking="per-layer", quiet=True)
