@@ -16,7 +16,8 @@ from idap_fx.errors import (
 )
 from idap_fx.export import ExportReport, export_onnx
 from idap_fx.latency import LatencyReport, check_latency
-from idap_fx.optimize import OptimizeReport, OptimizeResult, optimize
+from idap_fx.optimize import OptimizeResult, optimize
+from idap_fx.report import OptimizeReport
 from idap_fx.scoring import score
 from idap_fx.serialize import load, save
 from idap_fx.surgery import mask, prune
