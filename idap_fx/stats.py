@@ -180,14 +180,28 @@ class ChannelStats(fx.Interpreter):
         self.sites = sites
 
     def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
-        for site in self.by_node.get(n.name, ()):
-            if site.probe:
-                args, kwargs = self.fetch_args_kwargs_from_env(n)
-                site.observe(attention_heads_output(self.module.get_submodule(n.target), args, kwargs))
-            elif isinstance(result, torch.Tensor):
+        sites = self.by_node.get(n.name, ())
+        probes = [s for s in sites if s.probe]
+        result = self._attention(n, probes) if probes else None
+        if result is None:
+            result = super().run_node(n)
+        for site in sites:
+            if not site.probe and isinstance(result, torch.Tensor):
                 site.observe(result)
         return result
+
+    def _attention(self, n: fx.Node, probes: list[Site]) -> Any:
+        """Observe the per-head outputs; finish the module from them when it need not return weights."""
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        mod = self.module.get_submodule(n.target)
+        heads = attention_heads_output(mod, args, kwargs)
+        for site in probes:
+            site.observe(heads)
+        need_weights = kwargs.get("need_weights", args[4] if len(args) > 4 else True)
+        if need_weights or mod.training:
+            return None  # the module computes its weights (or dropout) itself
+        out = mod.out_proj(heads)
+        return (out if mod.batch_first else out.transpose(0, 1)), None
 
     def collect(self, batches: Iterable[Any]) -> None:
         """Stream every batch through the graph, then all-reduce when distributed."""
