@@ -167,16 +167,17 @@ def optimize(
     target_params = _fraction("target_params", target_params)
     if target_latency is not None and not (isinstance(target_latency, (int, float)) and target_latency > 0):
         raise IdapError(f"target_latency must be a positive number of milliseconds, got {target_latency!r}")
-    if budget is None and target_macs is None and target_params is None and target_latency is None:
+    names = tuple(passes) if passes is not None else ("prune_channels",)
+    unknown = [p for p in names if p not in PASSES]
+    if unknown:
+        raise IdapError(f"unknown pass(es) {unknown}; available: {list(PASSES)}")
+    no_goal = budget is None and target_macs is None and target_params is None and target_latency is None
+    if no_goal and "prune_channels" in names:  # stage 2 alone is bounded by max_skips
         raise IdapError(
             "nothing to aim for: give a target (target_macs / target_params / target_latency) or a budget"
         )
     if ranking not in ("group", "global"):
         raise IdapError(f"ranking must be 'group' or 'global', got {ranking!r}")
-    names = tuple(passes) if passes is not None else ("prune_channels",)
-    unknown = [p for p in names if p not in PASSES]
-    if unknown:
-        raise IdapError(f"unknown pass(es) {unknown}; available: {list(PASSES)}")
     batches = _batches(calibration, inputs, gm)
     score_batches, holdout, note = _split_holdout(batches)
     notes = [note] if note else []

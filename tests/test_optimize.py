@@ -232,3 +232,11 @@ def test_group_ranking_compares_units_within_their_layer() -> None:
     assert np.isinf(norm["bn"]).all()
     with pytest.raises(IdapError, match="ranking"):
         idap_fx.optimize(_tiny(), torch.randn(1, 3, 8, 8), target_macs=0.5, ranking="per-layer", quiet=True)
+
+
+def test_stage_two_alone_needs_no_target_or_budget() -> None:
+    res = idap_fx.optimize(
+        _tiny(), torch.randn(2, 3, 8, 8), passes=("skip_layers",), budget=None, max_skips=1, quiet=True
+    )
+    assert len(res.report.removed_layers) <= 1
+    assert "SkipLayers" in res.report.stop_reason
