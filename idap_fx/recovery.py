@@ -154,6 +154,18 @@ def _adapter(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) -> 
     return nn.Conv2d(cs, ct, 1) if len(student_shape) == 4 else nn.Linear(cs, ct)
 
 
+class _StudentWithAdapters(nn.Module):
+    """The tapped student and its feature adapters as one module (one DDP wrapper for both)."""
+
+    def __init__(self, student: fx.GraphModule, adapters: nn.ModuleList) -> None:
+        super().__init__()
+        self.student, self.adapters = student, adapters
+
+    def forward(self, *inputs: Any) -> tuple[Any, list[torch.Tensor]]:
+        out, feats = self.student(*inputs)
+        return out, [ad(f) for ad, f in zip(self.adapters, feats, strict=True)]
+
+
 def _loader(train_loader: Iterable[Any]) -> Iterable[Any]:
     """Shard a DataLoader across ranks with a DistributedSampler when running distributed."""
     if not (dist.is_available() and dist.is_initialized()) or not isinstance(train_loader, DataLoader):
@@ -187,15 +199,14 @@ def distill(
     adapters = nn.ModuleList(_adapter(_shape(nodes_s[n]), _shape(nodes_t[n])) for n in names)
     tapped_s, tapped_t = _tap(student, names), _tap(teacher, names)
     n_inputs = sum(1 for n in student.graph.nodes if n.op == "placeholder")
-    train_module: nn.Module = nn.ModuleDict({"student": tapped_s, "adapters": adapters})
-    runner: nn.Module = tapped_s
+    train_module: nn.Module = _StudentWithAdapters(tapped_s, adapters)
+    runner: nn.Module = train_module
     if dist.is_available() and dist.is_initialized():
-        runner = DistributedDataParallel(tapped_s)
+        runner = DistributedDataParallel(train_module)  # adapters' gradients are averaged too
     opt = torch.optim.AdamW(train_module.parameters(), lr=lr, weight_decay=weight_decay)
     tapped_s.train()
-    for (
-        m
-    ) in tapped_s.modules():  # BatchNorm statistics stay frozen: short runs on small batches would ruin them
+    # BatchNorm statistics stay frozen: short runs on small batches would ruin them
+    for m in tapped_s.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
     teacher.eval()
@@ -216,7 +227,7 @@ def distill(
             leaves_s = [t for t in torch.utils._pytree.tree_leaves(out_s) if isinstance(t, torch.Tensor)]
             leaves_t = [t for t in torch.utils._pytree.tree_leaves(out_t) if isinstance(t, torch.Tensor)]
             task = sum(F.mse_loss(a, b) for a, b in zip(leaves_s, leaves_t, strict=True))
-        feat = sum(F.l1_loss(ad(fs), ft) for ad, fs, ft in zip(adapters, feats_s, feats_t, strict=True))
+        feat = sum(F.l1_loss(fs, ft) for fs, ft in zip(feats_s, feats_t, strict=True))
         loss = task + feature_weight * feat if names else task
         if not torch.isfinite(loss):
             raise IdapError(
