@@ -13,13 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from torch import fx
 
 from idap_fx.layout import Axis, Layout
 from idap_fx.ops import creation, elementwise, layers, linalg, shape
-from idap_fx.ops.merge import _collapse
 from idap_fx.ops.registry import register
 
 aten = torch.ops.aten
@@ -76,27 +74,16 @@ SPATIAL = {
 }  # fmt: skip
 
 
-def _spatial_axes(ctx, node: fx.Node, lay: Layout, n: int) -> Layout:
-    first = lay.ndim - n
-    axes = []
-    for ax in lay.axes:
-        if any(d >= first for d in ax.dims):
-            ctx.coupling.freeze(ax.ids, f"{node.name}: channels on a pooled/resized dim")
-        else:
-            axes.append(ax)
-    return Layout(lay.ndim, tuple(axes))
-
-
 @register(*SPATIAL)
 def _pool(ctx, node: fx.Node) -> Any:
     """Pooling and resizing: the trailing spatial dims mix, channel dims pass (with-indices: two outputs)."""
-    out = _spatial_axes(ctx, node, ctx.layout(node.args[0]), SPATIAL[node.target])
+    out = shape.spatial_axes(ctx, node, ctx.layout(node.args[0]), SPATIAL[node.target])
     return (out, out) if node.target is aten.max_pool2d_with_indices.default else out
 
 
 @register(aten.constant_pad_nd.default)
 def _pad(ctx, node: fx.Node) -> Layout:
-    return _spatial_axes(ctx, node, ctx.layout(node.args[0]), len(node.args[1]) // 2)
+    return shape.spatial_axes(ctx, node, ctx.layout(node.args[0]), len(node.args[1]) // 2)
 
 
 @register(aten.t.default)
@@ -141,30 +128,15 @@ def _conv_fn(ctx, node: fx.Node) -> Layout:
     lay, lay_w = ctx.layout(x), ctx.layout(weight)
     in_ids = layers._channel_axis(ctx, node, lay, 1)
     out_c, per_in = ctx.shape(weight)[:2]
-    per_out = out_c // g
     w_out = lay_w.axis_of(0)
     out_ids = ctx.coupling.new_space(node.name, out_c)
     if w_out is not None:
         ctx.coupling.union(out_ids, w_out.ids, node.name)
     if isinstance(bias, fx.Node) and (b_ax := ctx.layout(bias).axis_of(0)) is not None:
         ctx.coupling.union(out_ids, b_ax.ids, node.name)
-    w_in = lay_w.axis_of(1)
-    if (
-        g > 1 and per_in == 1
-    ):  # depthwise (x multiplier): a unit is one group, its input channel and its outputs
-        _collapse(ctx.coupling, out_ids.reshape(g, per_out), [1], node.name)
-        if in_ids is None:
-            ctx.coupling.freeze(out_ids, f"{node.name}: depthwise conv over fixed input channels")
-        else:
-            ctx.coupling.union(np.repeat(in_ids, per_out), out_ids, node.name)
-    elif g > 1:
-        _collapse(ctx.coupling, out_ids.reshape(g, per_out), [0], node.name)
-        if in_ids is not None:
-            first = _collapse(ctx.coupling, in_ids.reshape(g, per_in), [0], node.name)
-            if w_in is not None:
-                ctx.coupling.union(first, w_in.ids, node.name)
-    elif in_ids is not None and w_in is not None:
-        ctx.coupling.union(in_ids, w_in.ids, node.name)
+    columns = layers.couple_conv_groups(ctx, node, in_ids, out_ids, g, per_in)
+    if columns is not None and (w_in := lay_w.axis_of(1)) is not None:
+        ctx.coupling.union(columns, w_in.ids, node.name)
     if in_ids is not None and not (g > 1 and per_in == 1):
         ctx.coupling.input_mask(node.name, 0, (1,), in_ids)  # the mask oracle zeroes consumed channels
     return Layout(lay.ndim, (Axis((1,), out_ids),))

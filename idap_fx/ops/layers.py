@@ -42,25 +42,39 @@ def _conv(ctx, node: fx.Node) -> Layout:
     lay = ctx.layout(node.args[0])
     in_ids = _channel_axis(ctx, node, lay, 1)
     g = mod.groups
-    per_in, per_out = mod.in_channels // g, mod.out_channels // g
+    per_in = mod.in_channels // g
     out_ids = ctx.coupling.new_space(node.name, mod.out_channels)
     ctx.param(node, "weight", 0, "out", out_ids)
     ctx.param(node, "bias", 0, "out", out_ids)
-    if g > 1 and per_in == 1:
-        # depthwise (x multiplier): a unit is one group, its input channel and its outputs
-        _collapse(ctx.coupling, out_ids.reshape(g, per_out), [1], node.name)
+    columns = couple_conv_groups(ctx, node, in_ids, out_ids, g, per_in)
+    if columns is not None:
+        ctx.param(node, "weight", 1, "in", columns)
+    return Layout(lay.ndim, (Axis((1,), out_ids),))
+
+
+def couple_conv_groups(
+    ctx, node: fx.Node, in_ids: np.ndarray | None, out_ids: np.ndarray, groups: int, per_in: int
+) -> np.ndarray | None:
+    """Units of a grouped / depthwise conv; return the input ids along the weight's dim 1 (None if none).
+
+    Depthwise (x multiplier): a unit is one group, its input channel and its outputs (the
+    weight's dim 1 has size 1 and holds no channel). Grouped: a unit is one in-group position
+    across all groups, so groups stay balanced.
+    """
+    per_out = out_ids.size // groups
+    if groups > 1 and per_in == 1:
+        _collapse(ctx.coupling, out_ids.reshape(groups, per_out), [1], node.name)
         if in_ids is None:
             ctx.coupling.freeze(out_ids, f"{node.name}: depthwise conv over fixed input channels")
         else:
             ctx.coupling.union(np.repeat(in_ids, per_out), out_ids, node.name)
-    elif g > 1:
-        _collapse(ctx.coupling, out_ids.reshape(g, per_out), [0], node.name)
-        if in_ids is not None:
-            _collapse(ctx.coupling, in_ids.reshape(g, per_in), [0], node.name)
-            ctx.param(node, "weight", 1, "in", in_ids[:per_in])
-    elif in_ids is not None:
-        ctx.param(node, "weight", 1, "in", in_ids)
-    return Layout(lay.ndim, (Axis((1,), out_ids),))
+        return None
+    if groups > 1:
+        _collapse(ctx.coupling, out_ids.reshape(groups, per_out), [0], node.name)
+        if in_ids is None:
+            return None
+        return _collapse(ctx.coupling, in_ids.reshape(groups, per_in), [0], node.name)
+    return in_ids
 
 
 @register(nn.Linear)

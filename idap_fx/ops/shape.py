@@ -351,9 +351,14 @@ def _spatial(ctx, node: fx.Node) -> Layout:
         n = SPATIAL_FUNCTIONS[node.target]
     if n < 0:
         n = lay.ndim + n
-    first = lay.ndim - n
     if len(ctx.shape(node)) != lay.ndim:
         raise ValueError("rank changes")
+    return spatial_axes(ctx, node, lay, n)
+
+
+def spatial_axes(ctx, node: fx.Node, lay: Layout, n: int) -> Layout:
+    """The layout with its last ``n`` (spatial) dims mixed: channel axes on them are frozen and dropped."""
+    first = lay.ndim - n
     axes = []
     for ax in lay.axes:
         if any(d >= first for d in ax.dims):
