@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from idap_fx.metrics import count_macs
+from idap_fx.recovery import train_with_frozen_batchnorm
 from idap_fx.scoring import ScoringContext, get_importance
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -130,10 +131,7 @@ def fine_tune(
     intermediate-feature term, so every method gets the same recovery budget.
     """
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    model.train()
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
+    train_with_frozen_batchnorm(model)
     teacher.eval()
     for batch in itertools.islice(batches, steps):
         x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)

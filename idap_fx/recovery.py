@@ -83,6 +83,14 @@ def compensate(
     return changed
 
 
+def train_with_frozen_batchnorm(model: nn.Module) -> None:
+    """Training mode, except BatchNorm statistics: short runs on small batches would ruin them."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
 def run_fine_tune(
     fine_tune: Callable[[nn.Module, nn.Module], Any], model: fx.GraphModule, teacher: nn.Module
 ) -> fx.GraphModule:
@@ -204,11 +212,7 @@ def distill(
     if dist.is_available() and dist.is_initialized():
         runner = DistributedDataParallel(train_module)  # adapters' gradients are averaged too
     opt = torch.optim.AdamW(train_module.parameters(), lr=lr, weight_decay=weight_decay)
-    tapped_s.train()
-    # BatchNorm statistics stay frozen: short runs on small batches would ruin them
-    for m in tapped_s.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
+    train_with_frozen_batchnorm(tapped_s)
     teacher.eval()
     batches = _loader(train_loader)
     iterator = itertools.islice(batches, steps) if steps is not None else batches
@@ -240,4 +244,4 @@ def distill(
     return student
 
 
-__all__ = ["compensate", "distill", "feature_nodes", "run_fine_tune"]
+__all__ = ["compensate", "distill", "feature_nodes", "run_fine_tune", "train_with_frozen_batchnorm"]

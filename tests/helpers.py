@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
+import operator
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -97,3 +99,15 @@ def expected_param_shapes(
 def plan_is_exact(dg: idap_fx.DependencyGraph, plan: Mapping[str, Any]) -> bool:
     """Whether every group the plan touches is exact (the prune == mask oracle applies)."""
     return all(dg.group(gid).exact for gid, idx in plan.items() if len(idx))
+
+
+def zero_branch(gm: torch.fx.GraphModule, cand: Any) -> torch.fx.GraphModule:
+    """The stage-2 oracle: ``gm`` with a residual candidate's branch output multiplied by zero before its add."""
+    z = copy.deepcopy(gm)
+    by_name = {n.name: n for n in z.graph.nodes}
+    add, out = by_name[cand.exit], by_name[cand.nodes[-1]]
+    with z.graph.inserting_before(add):
+        zero = z.graph.call_function(operator.mul, (out, 0.0))
+    add.replace_input_with(out, zero)
+    z.recompile()
+    return z

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import copy
-import operator
-
 import numpy as np
 import pytest
 import torch
 import torchvision
-from helpers import random_plan
+from helpers import random_plan, zero_branch
 from idap_fx.passes.skip_layers import SkipConfig, SkipLayers
 from torch import nn
 
@@ -41,22 +38,10 @@ def _zoo(name: str) -> tuple[torch.fx.GraphModule, torch.Tensor]:
     return _TRACED[name]
 
 
-def _zeroed(gm: torch.fx.GraphModule, cand) -> torch.fx.GraphModule:
-    """The oracle: the original graph with the branch output multiplied by zero before its add."""
-    z = copy.deepcopy(gm)
-    by_name = {n.name: n for n in z.graph.nodes}
-    add, out = by_name[cand.exit], by_name[cand.nodes[-1]]
-    with z.graph.inserting_before(add):
-        zero = z.graph.call_function(operator.mul, (out, 0.0))
-    add.replace_input_with(out, zero)
-    z.recompile()
-    return z
-
-
 def _check_oracle(gm: torch.fx.GraphModule, x: torch.Tensor, cand) -> None:
     skipped = remove(gm, cand, (x[:1],))
     with torch.no_grad():
-        got, want = skipped(x), _zeroed(gm, cand)(x)
+        got, want = skipped(x), zero_branch(gm, cand)(x)
     assert torch.equal(got, want), f"{cand.name}: skipping != zeroing the branch"
     names = {n.name for n in skipped.graph.nodes}
     assert not names & set(cand.nodes), f"{cand.name}: branch nodes left in the graph"

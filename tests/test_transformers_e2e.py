@@ -9,21 +9,19 @@ a head whose q/k/v rows are zero scores lowest; the pruned ONNX model matches to
 
 from __future__ import annotations
 
-import copy
-import operator
 from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
-from helpers import rel_err
+from helpers import rel_err, zero_branch
 from torch import fx, nn
 from torchvision.models import VisionTransformer
 
 import idap_fx
 from idap_fx.export import export_onnx, onnx_feed
 from idap_fx.hf import trace_hf
-from idap_fx.layers import Candidate, find_candidates, remove
+from idap_fx.layers import find_candidates, remove
 from idap_fx.scoring import score
 
 HEADS, HIDDEN, FFN, LAYERS, HEAD_DIM = 4, 32, 64, 2, 8
@@ -80,18 +78,6 @@ SUB_BLOCKS = {
 }
 
 
-def _zeroed(gm: fx.GraphModule, cand: Candidate) -> fx.GraphModule:
-    """The oracle: the original graph with the branch output multiplied by zero before its add."""
-    z = copy.deepcopy(gm)
-    by_name = {n.name: n for n in z.graph.nodes}
-    add, out = by_name[cand.exit], by_name[cand.nodes[-1]]
-    with z.graph.inserting_before(add):
-        zero = z.graph.call_function(operator.mul, (out, 0.0))
-    add.replace_input_with(out, zero)
-    z.recompile()
-    return z
-
-
 @pytest.mark.parametrize("name", list(SUB_BLOCKS))
 def test_stage2_removes_attention_and_mlp_sub_blocks(hf: ModuleType, name: str) -> None:
     x = _text()
@@ -124,7 +110,7 @@ def test_hf_residual_skip_equals_zeroed_branch(hf: ModuleType, name: str) -> Non
     for cand in cands:
         skipped = remove(gm, cand, x)
         with torch.no_grad():
-            got, want = _out(skipped(*x)), _out(_zeroed(gm, cand)(*x))
+            got, want = _out(skipped(*x)), _out(zero_branch(gm, cand)(*x))
         assert torch.equal(got, want), f"{cand.name}: skipping != zeroing the branch"
         assert not {n.name for n in skipped.graph.nodes} & set(cand.nodes)
         assert _n_modules(skipped) < _n_modules(gm)
