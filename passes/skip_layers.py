@@ -23,7 +23,8 @@ from typing import Any
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from idap_fx.layers import Candidate, find_candidates, layer_scores, remove
+from idap_fx.layer_stats import layer_scores
+from idap_fx.layers import Candidate, find_candidates, remove
 from idap_fx.metrics import count_macs, count_params
 from idap_fx.recovery import distill, run_fine_tune
 from idap_fx.trace import record_shapes

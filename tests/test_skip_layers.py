@@ -13,7 +13,8 @@ from torch import nn
 import idap_fx
 from idap_fx.budget import Budget
 from idap_fx.export import export_onnx
-from idap_fx.layers import EPS, find_candidates, layer_scores, remove
+from idap_fx.layer_stats import layer_scores
+from idap_fx.layers import EPS, find_candidates, remove
 from idap_fx.surgery import prune
 
 # (builder kwargs, input size, residual candidates expected: the blocks with an identity skip)
