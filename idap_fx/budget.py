@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from idap_fx.distributed import all_sum
+from idap_fx.collective import reducer
 from idap_fx.errors import BudgetError
 from idap_fx.options import budget_limit
 from idap_fx.stats import batch_args
@@ -82,7 +82,7 @@ class Budget:
             for r, g in zip(ref, got, strict=True):
                 num += (r - g).pow(2).sum().item()
                 den += r.pow(2).sum().item()
-        num, den = all_sum([num, den])
+        num, den = reducer().all_sum([num, den])
         if den == 0.0:
             return 0.0 if num == 0.0 else math.inf
         return num / den if not math.isnan(num) else math.inf

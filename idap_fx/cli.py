@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from idap_fx.errors import AnalysisError, BudgetError, ExportError, IdapError, TraceError
+from idap_fx.files import check_writable
 from idap_fx.options import CLI_ROUND_TO, Goal, PruneOptions
 
 EXIT_USAGE, EXIT_BUDGET, EXIT_EXPORT, EXIT_ANALYSIS, EXIT_OTHER = 2, 3, 4, 5, 1
@@ -150,9 +151,10 @@ def _optimize(args: argparse.Namespace) -> int:
     from idap_fx.pipeline import run_job, summary_table
 
     for path in (args.out, args.report):
-        directory = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
-            raise UsageError(f"cannot write {path}: {directory} is missing or not writable")
+        try:
+            check_writable(path)
+        except ExportError as exc:  # a bad path is bad input (exit 2), not an export failure
+            raise UsageError(str(exc)) from None
     model = load_model(args.model)
     x = torch.randn(*args.input_shape)
     cal = load_calibration(args.calibration, args.input_shape) if args.calibration else None
