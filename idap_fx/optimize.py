@@ -43,7 +43,7 @@ class OptimizeResult:
 
     def export_onnx(self, path: str | os.PathLike[str], **kwargs: Any) -> Any:
         """Export the optimized model (see ``idap_fx.export_onnx``)."""
-        from idap_fx.export import export_onnx
+        from idap_fx.onnx_export import export_onnx
 
         return export_onnx(self.model, self.example_inputs, path, **kwargs)
 

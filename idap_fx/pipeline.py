@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from idap_fx.distributed import main_output
-from idap_fx.export import export_onnx
 from idap_fx.files import check_writable
 from idap_fx.latency import check_latency
+from idap_fx.onnx_export import export_onnx
 from idap_fx.optimize import OptimizeResult, optimize
 
 
