@@ -9,6 +9,7 @@ script around it needs so that N processes behave like one:
 * ``barrier(timeout)`` — a barrier that fails with the late ranks named instead of
   hanging until the process group's timeout;
 * ``all_sum`` — sum a few floats over ranks (the budget's numerator and denominator);
+* ``all_max`` — the largest of one float over ranks (the per-sample budget);
 * ``check_same`` — fail clearly when ranks disagree (plans, weight fingerprints) instead
   of deadlocking later on mismatched collectives;
 * ``main_output(path)`` — rank 0 alone writes a file, atomically, and it appears only
@@ -98,6 +99,15 @@ def all_sum(values: Sequence[float]) -> list[float]:
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_device())
     dist.all_reduce(t)
     return t.tolist()
+
+
+def all_max(value: float) -> float:
+    """The largest ``value`` over every rank (unchanged when not distributed), in float64."""
+    if not is_distributed():
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
 
 
 def check_same(value: Any, what: str) -> None:
@@ -258,6 +268,7 @@ def fail_fast(grace: float = 10.0) -> Iterator[None]:
 
 __all__ = [
     "DistributedError",
+    "all_max",
     "all_sum",
     "barrier",
     "check_same",

@@ -7,6 +7,7 @@ is deep-copied by ``trace`` and never touched; ``OptimizeResult.original`` is th
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import sys
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from idap_fx.analysis import analyze
 from idap_fx.budget import Budget
+from idap_fx.distributed import all_sum, rank, world_size
 from idap_fx.errors import BudgetError, IdapError
 from idap_fx.metrics import count_macs, count_params
 from idap_fx.report import OptimizeReport
@@ -97,17 +99,25 @@ def _batches(
     return [tuple(batch_args(b)[: len(want)]) for b in batches]
 
 
-def _split_holdout(batches: list[Any]) -> tuple[list[Any], list[Any], str | None]:
-    """Every 4th batch is held out for the budget check (at least one); one batch serves both."""
-    if len(batches) == 1:
-        return (
-            batches,
-            batches,
-            "only one calibration batch: the budget is checked on the batch used for scoring",
-        )
-    held = [b for i, b in enumerate(batches) if i % 4 == 3] or [batches[-1]]
-    ids = {id(b) for b in held}
-    return [b for b in batches if id(b) not in ids], held, None
+def _split_holdout(batches: list[Any], checked: bool) -> tuple[list[Any], list[Any], str | None]:
+    """(scoring batches, held-out batches, note), chosen by *global* batch index.
+
+    Under ``torch.distributed`` rank ``r`` holds global batches ``offset_r ..`` (ranks in order,
+    contiguous shards), so every rank and a single process over all the batches withhold the
+    same ones: global batch ``i`` is held out when ``i % 4 == 3``, or the last batch when there
+    are fewer than four. Held-out batches never score. With one batch in all it serves both
+    (noted); with nothing to check (``checked`` false) nothing is withheld.
+    """
+    if not checked:
+        return batches, [], None
+    counts = all_sum([len(batches) if r == rank() else 0 for r in range(world_size())])
+    offset, total = int(sum(counts[: rank()])), int(sum(counts))
+    if total == 1:
+        note = "only one calibration batch: the budget is checked on the batch used for scoring"
+        return batches, batches, note
+    held_ids = {i for i in range(total) if i % 4 == 3} or {total - 1}
+    held = [b for i, b in enumerate(batches) if offset + i in held_ids]
+    return [b for i, b in enumerate(batches) if offset + i not in held_ids], held, None
 
 
 def _check_weights(gm: fx.GraphModule, fix: str = "fix the model's weights before pruning") -> None:
@@ -130,6 +140,7 @@ def optimize(
     target_params: float | None = None,
     target_latency: float | None = None,
     budget: float | None = 0.05,
+    budget_reduce: str = "pooled",
     evaluate: Callable[[nn.Module], float] | None = None,
     fine_tune: Callable[[nn.Module, nn.Module], Any] | None = None,
     train_loader: Iterable[Any] | None = None,
@@ -156,6 +167,8 @@ def optimize(
     ``target_latency`` is in milliseconds of ONNX Runtime CPU latency. Without any target,
     pruning continues while the budget holds. With ``strict`` (default) an unreached target
     raises ``BudgetError`` whose ``.result`` holds the most compressed model within budget.
+    The label-free budget is measured on held-out calibration batches that never score,
+    pooled over them (``budget_reduce="pooled"``) or per sample (``"max"``; see ``idap_fx.budget``).
     """
     phases: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -179,12 +192,19 @@ def optimize(
     if ranking not in ("group", "global"):
         raise IdapError(f"ranking must be 'group' or 'global', got {ranking!r}")
     batches = _batches(calibration, inputs, gm)
-    score_batches, holdout, note = _split_holdout(batches)
+    checked = budget is not None or evaluate is not None or ("skip_layers" in names and tau_layer is not None)
+    score_batches, holdout, note = _split_holdout(batches, checked)
     notes = [note] if note else []
+    if not checked:
+        notes.append(
+            "no budget to check: every calibration batch scored, the output deviation was not measured"
+        )
     original = gm
-    working = trace(gm, inputs)  # a second copy: the passes never touch ``original``
+    # The passes read their input model and build new ones (``prune`` copies what it keeps), so
+    # ``working`` shares ``original``'s modules and weights; only the graph is its own.
+    working = fx.GraphModule(original, copy.deepcopy(original.graph), class_name=type(original).__name__)
     t0 = time.perf_counter()
-    checker = Budget(original, budget, holdout, evaluate)
+    checker = Budget(original, budget, holdout, evaluate, reduce=budget_reduce, measure=checked)
     phases["baseline"] = time.perf_counter() - t0
     macs0, params0 = count_macs(original, inputs), count_params(original)
     show = not quiet if quiet is not None else sys.stderr.isatty()
