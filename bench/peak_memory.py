@@ -8,7 +8,7 @@ Each measurement runs in a fresh process (peak RSS, ``ru_maxrss``, includes torc
 
 The ratio optimize / plain is the figure (goal ≤ 1.5×). Models: ResNet-50 and ViT-B/16
 (``weights=None``, seeded), 4 calibration batches of 8 images at 224×224, 1 torch thread.
-Writes ``bench/results/peak_memory.{json,md}``.
+Writes ``bench/results/peak_memory.{json,md}`` (models not measured in a run keep their earlier row).
 
     .venv/bin/python bench/peak_memory.py                 # both models (≈ 10 min on 2 cores)
     .venv/bin/python bench/peak_memory.py --models resnet50
@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from _results import save, table
+from render_docs import RESULTS
 
 MODELS = ("resnet50", "vit_b_16")
 BATCHES, BATCH, SIZE = 4, 8, 224
@@ -84,7 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", nargs="+", default=list(MODELS))
     p.add_argument("--out", default="peak_memory", help="results name under bench/results/")
     args = p.parse_args(argv)
-    rows = []
+    path = RESULTS / f"{args.out}.json"
+    earlier = json.loads(path.read_text())["data"] if path.is_file() else []
+    rows = [r for r in earlier if r["model"] not in args.models]  # keep the models not re-measured
     for name in args.models:
         plain, opt = measure(name, "plain"), measure(name, "optimize")
         ratio = opt["peak_mib"] / plain["peak_mib"]
