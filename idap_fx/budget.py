@@ -15,6 +15,7 @@ Two forms (method notes §4):
 
 ``budget=None`` switches the check off (pure target-driven pruning); then nothing is
 measured (``measure=False``: quality and consumed are NaN) unless a layer tolerance needs it.
+``optimize`` withholds calibration batches only for the label-free form.
 
 Under ``torch.distributed`` each rank holds its own held-out batches; the pooled numerator
 and denominator are summed over ranks (the per-sample maximum is maximised over ranks), so
@@ -114,7 +115,7 @@ class Budget:
                 )
                 num, den = (r - g).pow(2).sum(1), r.pow(2).sum(1)
                 ratio = torch.where(den > 0, num / den.clamp_min(1e-300), torch.where(num > 0, math.inf, 0.0))
-                ratio = torch.nan_to_num(ratio, nan=math.inf)
+                ratio = torch.nan_to_num(ratio, nan=math.inf, posinf=math.inf)
                 worst = max(worst, float(ratio.max())) if ratio.numel() else worst
         return all_max(worst)
 

@@ -192,10 +192,11 @@ def optimize(
     if ranking not in ("group", "global"):
         raise IdapError(f"ranking must be 'group' or 'global', got {ranking!r}")
     batches = _batches(calibration, inputs, gm)
-    checked = budget is not None or evaluate is not None or ("skip_layers" in names and tau_layer is not None)
+    # held-out calibration batches serve only the label-free deviation (``evaluate`` uses the caller's data)
+    checked = evaluate is None and (budget is not None or ("skip_layers" in names and tau_layer is not None))
     score_batches, holdout, note = _split_holdout(batches, checked)
     notes = [note] if note else []
-    if not checked:
+    if not checked and evaluate is None:
         notes.append(
             "no budget to check: every calibration batch scored, the output deviation was not measured"
         )
