@@ -35,6 +35,7 @@ from torch.utils._pytree import tree_leaves
 
 from idap_fx.distributed import all_max, all_sum
 from idap_fx.errors import BudgetError
+from idap_fx.options import budget_limit
 from idap_fx.stats import batch_args
 
 
@@ -68,11 +69,10 @@ class Budget:
         reduce: str = "pooled",
         measure: bool = True,
     ) -> None:
-        if limit is not None and (not isinstance(limit, (int, float)) or math.isnan(limit) or limit < 0):
-            raise BudgetError(f"budget must be None or a number >= 0, got {limit!r}")
+        self.limit = budget_limit(limit)
         if reduce not in ("pooled", "max"):
             raise BudgetError(f"budget_reduce must be 'pooled' or 'max', got {reduce!r}")
-        self.limit, self.reduce, self.measure = limit, reduce, measure or evaluate is not None
+        self.reduce, self.measure = reduce, measure or evaluate is not None
         self.evaluate = evaluate
         self.holdout = list(holdout)
         self.kind = "off" if limit is None else ("evaluate" if evaluate is not None else "output_deviation")

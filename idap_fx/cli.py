@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from idap_fx.errors import AnalysisError, BudgetError, ExportError, IdapError, TraceError
+from idap_fx.options import CLI_ROUND_TO, Goal, PruneOptions
 
 EXIT_USAGE, EXIT_BUDGET, EXIT_EXPORT, EXIT_ANALYSIS, EXIT_OTHER = 2, 3, 4, 5, 1
 
@@ -123,13 +124,13 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--target-macs", type=float, help="fraction of the original MACs to keep, e.g. 0.5")
     o.add_argument("--target-params", type=float, help="fraction of the original parameters to keep")
     o.add_argument(
-        "--budget", type=_budget, default=0.05, help="label-free output-deviation budget, or 'none'"
+        "--budget", type=_budget, default=Goal().budget, help="label-free output-deviation budget, or 'none'"
     )
     o.add_argument("--passes", default="prune_channels", help="comma-separated: prune_channels,skip_layers")
-    o.add_argument("--importance", default="divergence", help="divergence, l1, bn_scale, random")
+    o.add_argument("--importance", default=PruneOptions().importance, help="divergence, l1, bn_scale, random")
     o.add_argument("--calibration", help="folder of images, or a .pt/.npy tensor file")
     o.add_argument(
-        "--round-to", type=int, default=8, help="keep widths multiples of this (8: fast ONNX Runtime convs)"
+        "--round-to", type=int, default=CLI_ROUND_TO, help="keep widths multiples of this (8: fast ORT convs)"
     )
     o.add_argument("--opset", type=int, default=None)
     o.add_argument("--out", default="model.onnx", help="ONNX output path")
@@ -161,9 +162,7 @@ def _optimize(args: argparse.Namespace) -> int:
         out=args.out,
         report=args.report,
         calibration=cal,
-        target_macs=args.target_macs,
-        target_params=args.target_params,
-        budget=args.budget,
+        goal=Goal(target_macs=args.target_macs, target_params=args.target_params, budget=args.budget),
         passes=[p.strip() for p in args.passes.split(",") if p.strip()],
         importance=args.importance,
         round_to=args.round_to,
