@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: demo test test-slow lint venv
+.PHONY: demo test test-slow lint venv docs
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -19,6 +19,9 @@ $(DEMO_STAMP): $(STAMP)
 
 demo: $(DEMO_STAMP)
 	$(PY) -m idap_fx.demo
+
+docs: $(STAMP)  # re-render README.md / docs/*.md tables from bench/results/*.json
+	$(PY) bench/render_docs.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -24,7 +24,7 @@ a diagnostic for every method alike, not something idap_fx does).
 idap_fx's built-in one (``train_loader=``, spread over its pruning steps), for
 Torch-Pruning the same number of steps of ``_data.fine_tune`` (KL to the original,
 same optimiser, lr and frozen BN). ``divergence/group-mean`` (one-shot only) is the
-diagnostic criterion of ``quality.py``. Writes ``bench/results/mobilenet_real.md``.
+diagnostic criterion of ``quality.py``. Writes ``bench/results/mobilenet_real.{json,md}``.
 
     .venv/bin/python bench/mobilenet_real.py
 """
@@ -40,7 +40,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from _data import (
-    RESULTS,
     BatchStream,
     GroupMeanDivergence,
     augmented_views,
@@ -51,6 +50,7 @@ from _data import (
     single_thread,
     tp_prune_to_macs,
 )
+from _results import save, table
 from torch import nn
 
 import idap_fx
@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--calib", type=int, default=64, help="calibration views (batches of 8)")
     p.add_argument("--distill-steps", type=int, default=40, help="total distillation steps per method")
-    p.add_argument("--out", default=str(RESULTS / "mobilenet_real.md"))
+    p.add_argument("--out", default="mobilenet_real", help="results name under bench/results/")
     args = p.parse_args(argv)
     single_thread()
     start = time.perf_counter()
@@ -146,30 +146,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         evaluate("torch-pruning", target, "+distil", tp_model, tp_macs / macs0,
                  f"{args.distill_steps} steps, {time.perf_counter() - t0:.0f} s")  # fmt: skip
     wall = time.perf_counter() - start
-    lines = [
-        "# MobileNetV2 with ImageNet weights on real photos: agreement with the unpruned model",
-        "",
-        f"{args.size}×{args.size} input ({macs0 / 1e6:.1f} M MACs unpruned). Calibration: {args.calib} views; "
+    cols = ["MACs target", "method", "phase", "MACs (measured)", "agreement, held-out views", "KL",
+            "agreement, unseen photos", "KL", "notes"]  # fmt: skip
+    cells = [
+        [f"{r['target']:.0%}", r["method"], r["phase"], f"{r['macs']:.3f}", f"{r['agree']:.1f}", f"{r['kl']:.3f}",
+         f"{r['agree_unseen']:.1f}", f"{r['kl_unseen']:.3f}", r["extra"]]
+        for r in rows
+    ]  # fmt: skip
+    path = save(
+        args.out,
+        "MobileNetV2 with ImageNet weights on real photos: agreement with the unpruned model",
+        {"main": table(cols, cells)},
+        intro=f"{args.size}×{args.size} input ({macs0 / 1e6:.1f} M MACs unpruned). Calibration: {args.calib} views; "
         f"distillation: {args.distill_steps} steps of 8 views in total per method (from 160 views); "
         f"held-out: {sum(len(b) for b in held)} other views of the same {len(seen)} photos; "
         f"unseen: {sum(len(b) for b in other)} views of {len(unseen)} photos never used for calibration or "
-        f"distillation ({', '.join(UNSEEN)}). Top-1 agreement (%) and KL(original ‖ pruned) (nats per view).",
-        "",
-        "| MACs target | method | phase | MACs (measured) | agreement, held-out views | KL | agreement, unseen "
-        "photos | KL | notes |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['target']:.0%} | {r['method']} | {r['phase']} | {r['macs']:.3f} | {r['agree']:.1f} "
-            f"| {r['kl']:.3f} | {r['agree_unseen']:.1f} | {r['kl_unseen']:.3f} | {r['extra']} |"
-        )
-    lines += ["", f"Wall time {wall:.0f} s on 1 thread (shared machine), torch {torch.__version__}."]
-    report = "\n".join(lines) + "\n"
-    print(report)
-    RESULTS.mkdir(exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(report)
+        f"distillation ({', '.join(UNSEEN)}). Top-1 agreement (%) and KL(original ‖ pruned) (nats per view). "
+        f"Wall time {wall:.0f} s on 1 thread (shared machine), torch {torch.__version__}.",
+        data=rows,
+    )
+    print(path.with_suffix(".md").read_text())
 
 
 if __name__ == "__main__":

@@ -56,6 +56,8 @@ from _data import (
     single_thread,
     tp_prune_to_macs,
 )
+from _results import table
+from render_docs import markdown_table
 from torch import nn
 
 import idap_fx
@@ -218,51 +220,58 @@ def _mean_std(values: Sequence[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
-def summarize(rows: list[dict[str, Any]], args: argparse.Namespace, wall: float) -> str:
-    """The markdown report: mean ± std per (target, method), the per-seed numbers, the verdict vs the target."""
-    seeds = sorted({r["seed"] for r in rows})
+def tables(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The published tables: mean ± std per (target, method), and divergence minus the better TP variant."""
 
     def pick(method: str, target: float, key: str) -> list[float]:
         return [r[key] for r in rows if r["method"] == method and r["target"] == target and key in r]
 
-    lines = [
-        "# Quality benchmark: handwritten digits (scikit-learn), DigitsNet trained here",
-        "",
-        f"Test accuracy (%) on the {args.test_size}-image test split, mean ± std over seeds {seeds} "
-        f"(one test image = {100 / args.test_size:.2f} pp). Unpruned: {_mean_std(pick('unpruned', 1.0, 'none'))} %. "
-        f"Calibration: {args.calib} batches of 64 training images. Training budget for +FT and +distil: "
-        f"{args.ft_steps} AdamW steps of 64 labelled training images, the same for every method.",
-        "",
-        "| MACs target | method | MACs (mean, min–max) | no training | no training, no comp. "
-        "| no training + BN recal. | +FT (same loop) | idap_fx +distil |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    main = []
     for target in args.targets:
         for m in METHODS:
             macs = pick(m, target, "macs")
-            lines.append(
-                f"| {target:.0%} | {m} | {statistics.mean(macs):.3f} ({min(macs):.3f}–{max(macs):.3f}) "
-                f"| {_mean_std(pick(m, target, 'none'))} | {_mean_std(pick(m, target, 'nocomp'))} "
-                f"| {_mean_std(pick(m, target, 'recal'))} | {_mean_std(pick(m, target, 'ft'))} "
-                f"| {_mean_std(pick(m, target, 'distil'))} |"
+            main.append(
+                [f"{target:.0%}", m, f"{statistics.mean(macs):.3f} ({min(macs):.3f}–{max(macs):.3f})"]
+                + [_mean_std(pick(m, target, k)) for k in ("none", "nocomp", "recal", "ft", "distil")]
             )
-    lines += [
-        "",
-        "idap_fx divergence minus the better Torch-Pruning variant, percentage points (mean over seeds). "
-        "Target: ≥ +3 without training, ≥ +1 after fine-tuning.",
-        "",
-        "| MACs | no training | + BN recal. | +FT (same loop) | idap_fx +distil vs TP +FT |",
-        "|---|---|---|---|---|",
-    ]
+    margin = []
     for target in args.targets:
         tp = {
             k: max(statistics.mean(pick(m, target, k)) for m in TP_METHODS) for k in ("none", "recal", "ft")
         }
         d = {k: statistics.mean(pick("divergence", target, k)) for k in ("none", "recal", "ft", "distil")}
-        lines.append(
-            f"| {target:.0%} | {d['none'] - tp['none']:+.1f} | {d['recal'] - tp['recal']:+.1f} "
-            f"| {d['ft'] - tp['ft']:+.1f} | {d['distil'] - tp['ft']:+.1f} |"
-        )
+        margin.append([f"{target:.0%}", *(f"{d[k] - tp[k]:+.1f}" for k in ("none", "recal", "ft")),
+                       f"{d['distil'] - tp['ft']:+.1f}"])  # fmt: skip
+    cols = ["MACs target", "method", "MACs (mean, min–max)", "no training", "no training, no comp.",
+            "no training + BN recal.", "+FT (same loop)", "idap_fx +distil"]  # fmt: skip
+    return {
+        "main": table(cols, main),
+        "margin": table(
+            ["MACs", "no training", "+ BN recal.", "+FT (same loop)", "idap_fx +distil vs TP +FT"], margin
+        ),
+    }
+
+
+def summarize(rows: list[dict[str, Any]], args: argparse.Namespace, wall: float) -> str:
+    """The markdown report: mean ± std per (target, method), the per-seed numbers, the verdict vs the target."""
+    seeds = sorted({r["seed"] for r in rows})
+    unpruned = _mean_std([r["none"] for r in rows if r["method"] == "unpruned"])
+    t = tables(rows, args)
+    lines = [
+        "# Quality benchmark: handwritten digits (scikit-learn), DigitsNet trained here",
+        "",
+        f"Test accuracy (%) on the {args.test_size}-image test split, mean ± std over seeds {seeds} "
+        f"(one test image = {100 / args.test_size:.2f} pp). Unpruned: {unpruned} %. "
+        f"Calibration: {args.calib} batches of 64 training images. Training budget for +FT and +distil: "
+        f"{args.ft_steps} AdamW steps of 64 labelled training images, the same for every method.",
+        "",
+        markdown_table(t["main"]["columns"], t["main"]["rows"]),
+        "",
+        "idap_fx divergence minus the better Torch-Pruning variant, percentage points (mean over seeds). "
+        "Target: ≥ +3 without training, ≥ +1 after fine-tuning.",
+        "",
+        markdown_table(t["margin"]["columns"], t["margin"]["rows"]),
+    ]
     lines += [
         "",
         "Per seed:",
@@ -348,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         f.write(report)
     keep = {k: getattr(args, k) for k in ("seeds", "targets", "calib", "ft_steps", "test_size")}
     with open(args.out + ".json", "w") as f:
-        json.dump({"rows": rows, "wall": wall, "args": keep}, f, indent=1)
+        json.dump({"rows": rows, "wall": wall, "args": keep, "tables": tables(rows, args)}, f, indent=1)
     plot(rows, args, args.out + ".png")
 
 

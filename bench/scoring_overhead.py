@@ -8,7 +8,7 @@ the weight norms). The ratio b / a is the overhead; the target is ≤ 1.3×. Ana
 (``idap_fx.analyze``) is done once before timing and is not counted. ``--profile``
 prints the top of a cProfile of one scoring run.
 
-    .venv/bin/python bench/scoring_overhead.py               # 1 thread; writes bench/results/scoring_overhead.md
+    .venv/bin/python bench/scoring_overhead.py               # 1 thread; writes bench/results/scoring_overhead.{json,md}
     .venv/bin/python bench/scoring_overhead.py --profile --models vit_b_16
 """
 
@@ -24,7 +24,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torchvision
-from _data import RESULTS, single_thread
+from _data import single_thread
+from _results import save, table
 
 import idap_fx
 from idap_fx.scoring import score
@@ -83,36 +84,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--profile", action="store_true", help="print a cProfile of one scoring run per model")
-    p.add_argument("--out", default=str(RESULTS / "scoring_overhead.md"))
+    p.add_argument("--out", default="scoring_overhead", help="results name under bench/results/")
     args = p.parse_args(argv)
     single_thread()
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randn(8, 3, 224, 224, generator=gen) for _ in range(args.batches)]
-    lines = [
-        "# Scoring overhead: divergence scoring vs a plain forward over the same batches",
-        "",
-        f"{args.batches} batches of 8 × 3 × 224 × 224, median of {args.repeats} interleaved repeats, "
-        f"{args.threads} torch thread(s), torch {torch.__version__}.",
-        "",
-        "| model | prunable groups | units | plain forward (s) | score (s) | ratio | ≤ 1.3× |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    rows = []
     for name in args.models:
         r = measure(name, batches, args.repeats)
         ratio = r["score"] / r["forward"]
-        lines.append(
-            f"| {name} | {r['groups']} | {r['units']} | {r['forward']:.2f} | {r['score']:.2f} "
-            f"| {ratio:.2f}× | {'yes' if ratio <= 1.3 else 'no'} |"
-        )
-        print(lines[-1], flush=True)
+        rows.append([name, r["groups"], r["units"], f"{r['forward']:.2f}", f"{r['score']:.2f}", f"{ratio:.2f}×",
+                     "yes" if ratio <= 1.3 else "no"])  # fmt: skip
+        print(rows[-1], flush=True)
         if args.profile:
             print(profile(name, batches))
-    report = "\n".join(lines) + "\n"
-    print(report)
-    RESULTS.mkdir(exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(report)
+    cols = ["model", "prunable groups", "units", "plain forward (s)", "score (s)", "ratio", "≤ 1.3×"]
+    path = save(
+        args.out,
+        "Scoring overhead: divergence scoring vs a plain forward over the same batches",
+        {"main": table(cols, rows)},
+        intro=f"{args.batches} batches of 8 × 3 × 224 × 224, median of {args.repeats} interleaved repeats, "
+        f"{args.threads} torch thread(s), torch {torch.__version__}.",
+    )
+    print(path.with_suffix(".md").read_text())
 
 
 if __name__ == "__main__":

@@ -4,14 +4,22 @@ Two forms (method notes §4):
 
 * with ``evaluate(model) -> float`` (higher is better): the absolute drop from the
   original model's value must stay ≤ ``budget``;
-* without labels (the default): the relative output deviation on held-out calibration
-  batches, Σ‖N0(x) − N(x)‖² / Σ‖N0(x)‖² ≤ ``budget``.
+* without labels (the default): the relative output deviation on the held-out calibration
+  batches (never used for scoring), in one of two forms (``reduce``):
 
-``budget=None`` switches the check off (pure target-driven pruning).
+  - ``"pooled"`` (default): Σ_x ‖N0(x) − N(x)‖² / Σ_x ‖N0(x)‖² ≤ ``budget``, sums over
+    every held-out sample and output tensor: a mean, weighted by each sample's output energy;
+  - ``"max"``: max_x ‖N0(x) − N(x)‖² / ‖N0(x)‖² ≤ ``budget``, the per-sample bound the method
+    states (§4), taken separately for each output tensor (dim 0 is the batch); stricter, and
+    it grows with the number of held-out samples.
 
-Under ``torch.distributed`` each rank holds its own held-out batches; the deviation's
-numerator and denominator are summed over ranks, so every rank gets the deviation over
-all held-out data and makes the same accept / roll-back decision.
+``budget=None`` switches the check off (pure target-driven pruning); then nothing is
+measured (``measure=False``: quality and consumed are NaN) unless a layer tolerance needs it.
+``optimize`` withholds calibration batches only for the label-free form.
+
+Under ``torch.distributed`` each rank holds its own held-out batches; the pooled numerator
+and denominator are summed over ranks (the per-sample maximum is maximised over ranks), so
+every rank gets the deviation over all held-out data and makes the same decision.
 """
 
 from __future__ import annotations
@@ -57,13 +65,21 @@ class Budget:
         limit: float | None,
         holdout: Sequence[Any],
         evaluate: Callable[[nn.Module], float] | None = None,
+        *,
+        reduce: str = "pooled",
+        measure: bool = True,
     ) -> None:
         self.limit = budget_limit(limit)
+        if reduce not in ("pooled", "max"):
+            raise BudgetError(f"budget_reduce must be 'pooled' or 'max', got {reduce!r}")
+        self.reduce, self.measure = reduce, measure or evaluate is not None
         self.evaluate = evaluate
         self.holdout = list(holdout)
         self.kind = "off" if limit is None else ("evaluate" if evaluate is not None else "output_deviation")
+        if self.kind == "output_deviation" and reduce == "max":
+            self.kind = "output_deviation_max"
         self.baseline = self._evaluate(reference) if evaluate is not None else 1.0
-        self._ref = _outputs(reference, self.holdout)
+        self._ref = _outputs(reference, self.holdout) if self.measure else []
 
     def _evaluate(self, model: nn.Module) -> float:
         try:
@@ -76,7 +92,9 @@ class Budget:
         return value
 
     def deviation(self, model: nn.Module) -> float:
-        """Relative output deviation Σ‖N0(x) − N(x)‖² / Σ‖N0(x)‖² on the held-out batches (of every rank)."""
+        """Relative output deviation on the held-out batches of every rank (pooled or per-sample max)."""
+        if self.reduce == "max":
+            return self._max_deviation(model)
         num = den = 0.0
         for ref, got in zip(self._ref, _outputs(model, self.holdout), strict=True):
             for r, g in zip(ref, got, strict=True):
@@ -87,8 +105,24 @@ class Budget:
             return 0.0 if num == 0.0 else math.inf
         return num / den if not math.isnan(num) else math.inf
 
+    def _max_deviation(self, model: nn.Module) -> float:
+        worst = 0.0
+        for ref, got in zip(self._ref, _outputs(model, self.holdout), strict=True):
+            for r, g in zip(ref, got, strict=True):
+                r, g = (
+                    r.reshape(r.shape[0] if r.dim() else 1, -1),
+                    g.reshape(g.shape[0] if g.dim() else 1, -1),
+                )
+                num, den = (r - g).pow(2).sum(1), r.pow(2).sum(1)
+                ratio = torch.where(den > 0, num / den.clamp_min(1e-300), torch.where(num > 0, math.inf, 0.0))
+                ratio = torch.nan_to_num(ratio, nan=math.inf, posinf=math.inf)
+                worst = max(worst, float(ratio.max())) if ratio.numel() else worst
+        return reducer().all_max(worst)
+
     def check(self, model: nn.Module) -> Verdict:
         """Measure ``model``; ``ok`` says whether it is within budget (always, when the budget is off)."""
+        if not self.measure:
+            return Verdict(math.nan, math.nan, True)
         if self.evaluate is not None:
             quality = self._evaluate(model)
             consumed = self.baseline - quality

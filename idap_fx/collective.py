@@ -40,6 +40,10 @@ class Reducer:
     def all_sum_(self, tensors: Sequence[torch.Tensor]) -> None:
         """Sum each tensor over processes, in place."""
 
+    def all_max(self, value: float) -> float:
+        """The largest ``value`` over processes, as a float64 Python float."""
+        return float(value)
+
 
 class TorchDistributedReducer(Reducer):
     """Sums over the default ``torch.distributed`` group when there is one, else the identity."""
@@ -50,6 +54,13 @@ class TorchDistributedReducer(Reducer):
         t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device())
         dist.all_reduce(t)
         return t.tolist()
+
+    def all_max(self, value: float) -> float:
+        if not initialised():
+            return super().all_max(value)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
 
     def all_sum_(self, tensors: Sequence[torch.Tensor]) -> None:
         if not initialised():

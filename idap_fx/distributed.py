@@ -9,6 +9,7 @@ script around it needs so that N processes behave like one:
 * ``barrier(timeout)`` — a barrier that fails with the late ranks named instead of
   hanging until the process group's timeout;
 * ``all_sum`` — sum a few floats over ranks (the budget's numerator and denominator);
+* ``all_max`` — the largest of one float over ranks (the per-sample budget);
 * ``check_same`` — fail clearly when ranks disagree (plans, weight fingerprints) instead
   of deadlocking later on mismatched collectives;
 * ``main_output(path)`` — rank 0 alone writes a file, atomically, and it appears only
@@ -87,6 +88,11 @@ def barrier(timeout: float = 300.0, what: str = "barrier") -> None:
 def all_sum(values: Sequence[float]) -> list[float]:
     """``values`` summed element-wise over every rank (unchanged when not distributed), in float64."""
     return reducer().all_sum(values)
+
+
+def all_max(value: float) -> float:
+    """The largest ``value`` over every rank (unchanged when not distributed), in float64."""
+    return reducer().all_max(value)
 
 
 def check_same(value: Any, what: str) -> None:
@@ -228,6 +234,7 @@ def fail_fast(grace: float = 10.0) -> Iterator[None]:
 
 __all__ = [
     "DistributedError",
+    "all_max",
     "all_sum",
     "barrier",
     "check_same",

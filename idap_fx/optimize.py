@@ -9,6 +9,7 @@ built from. The caller's model is deep-copied by ``trace`` and never touched;
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import time
@@ -22,6 +23,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from idap_fx.budget import Budget
+from idap_fx.distributed import all_sum, rank, world_size
 from idap_fx.errors import BudgetError, IdapError, OptionError
 from idap_fx.metrics import count_macs, count_params
 from idap_fx.options import Goal, PassOptions, Recovery, build, split_shorthands
@@ -84,17 +86,25 @@ def _batches(
     return [tuple(batch_args(b)[: len(want)]) for b in batches]
 
 
-def _split_holdout(batches: list[Any]) -> tuple[list[Any], list[Any], str | None]:
-    """Every 4th batch is held out for the budget check (at least one); one batch serves both."""
-    if len(batches) == 1:
-        return (
-            batches,
-            batches,
-            "only one calibration batch: the budget is checked on the batch used for scoring",
-        )
-    held = [b for i, b in enumerate(batches) if i % 4 == 3] or [batches[-1]]
-    ids = {id(b) for b in held}
-    return [b for b in batches if id(b) not in ids], held, None
+def _split_holdout(batches: list[Any], checked: bool) -> tuple[list[Any], list[Any], str | None]:
+    """(scoring batches, held-out batches, note), chosen by *global* batch index.
+
+    Under ``torch.distributed`` rank ``r`` holds global batches ``offset_r ..`` (ranks in order,
+    contiguous shards), so every rank and a single process over all the batches withhold the
+    same ones: global batch ``i`` is held out when ``i % 4 == 3``, or the last batch when there
+    are fewer than four. Held-out batches never score. With one batch in all it serves both
+    (noted); with nothing to check (``checked`` false) nothing is withheld.
+    """
+    if not checked:
+        return batches, [], None
+    counts = all_sum([len(batches) if r == rank() else 0 for r in range(world_size())])
+    offset, total = int(sum(counts[: rank()])), int(sum(counts))
+    if total == 1:
+        note = "only one calibration batch: the budget is checked on the batch used for scoring"
+        return batches, batches, note
+    held_ids = {i for i in range(total) if i % 4 == 3} or {total - 1}
+    held = [b for i, b in enumerate(batches) if offset + i in held_ids]
+    return [b for i, b in enumerate(batches) if offset + i not in held_ids], held, None
 
 
 def _check_weights(gm: fx.GraphModule, fix: str = "fix the model's weights before pruning") -> None:
@@ -169,8 +179,11 @@ def optimize(
     with _timed(phases, "trace"):
         original = trace(traced_graph, inputs)
     _check_weights(original)
-    ctx, notes = _context(original, inputs, calibration, goal_, recovery_, seed, quiet, phases)
-    working = trace(original, inputs)  # a second copy: the passes never touch ``original``
+    tau = any(getattr(o, "tau_layer", None) is not None for o in chosen)
+    ctx, notes = _context(original, inputs, calibration, goal_, recovery_, seed, quiet, phases, tau)
+    # The passes read their input model and build new ones (``prune`` copies what it keeps), so
+    # ``working`` shares ``original``'s modules and weights; only the graph is its own.
+    working = fx.GraphModule(original, copy.deepcopy(original.graph), class_name=type(original).__name__)
     runs = [PASSES[o.pass_name].pass_class(ctx, o) for o in chosen]
     with _timed(phases, "passes"), torch.random.fork_rng():  # reproducible, the caller's RNG untouched
         torch.manual_seed(seed)
@@ -212,11 +225,24 @@ def _context(
     seed: int,
     quiet: bool | None,
     phases: dict[str, float],
+    tau_layer: bool = False,
 ) -> tuple[PassContext, list[str]]:
-    """What the passes share: batches checked and split, the budget's baseline, the original's cost."""
-    score_batches, holdout, note = _split_holdout(_batches(calibration, inputs, original))
+    """What the passes share: batches checked and split, the budget's baseline, the original's cost.
+
+    Calibration batches are withheld only for the label-free deviation (a budget without
+    ``evaluate``, or a stage-2 ``tau_layer``); ``evaluate`` measures on the caller's data.
+    """
+    checked = goal.evaluate is None and (goal.budget is not None or tau_layer)
+    score_batches, holdout, note = _split_holdout(_batches(calibration, inputs, original), checked)
+    notes = [note] if note else []
+    if not checked and goal.evaluate is None:
+        notes.append(
+            "no budget to check: every calibration batch scored, the output deviation was not measured"
+        )
     with _timed(phases, "baseline"):
-        checker = Budget(original, goal.budget, holdout, goal.evaluate)
+        checker = Budget(
+            original, goal.budget, holdout, goal.evaluate, reduce=goal.budget_reduce, measure=checked
+        )
     show = not quiet if quiet is not None else sys.stderr.isatty()
     ctx = PassContext(
         example_inputs=inputs,
@@ -230,7 +256,7 @@ def _context(
         progress=lambda it, **kw: tqdm(it, disable=not show, leave=False, **kw),
         stop_check=_latency_stop(original, inputs, goal.target_latency) if goal.target_latency else None,
     )
-    return ctx, [note] if note else []
+    return ctx, notes
 
 
 def _latency_stop(

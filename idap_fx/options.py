@@ -112,14 +112,17 @@ class Goal(Options):
 
     Targets are fractions of the original to keep (``target_macs=0.5``: half the MACs);
     ``target_latency`` is in ms of ONNX Runtime CPU latency. ``budget`` bounds the label-free
-    output deviation, or with ``evaluate(model) -> float`` the absolute drop of that metric;
-    None switches it off. With ``strict`` an unreached target raises ``BudgetError``.
+    output deviation on held-out calibration batches, pooled over them (``budget_reduce=
+    "pooled"``) or per sample (``"max"``, see ``idap_fx.budget``), or with ``evaluate(model) ->
+    float`` the absolute drop of that metric; None switches it off. With ``strict`` an
+    unreached target raises ``BudgetError``.
     """
 
     target_macs: float | None = None
     target_params: float | None = None
     target_latency: float | None = None
     budget: float | None = 0.05
+    budget_reduce: str = "pooled"
     evaluate: Callable[[Any], float] | None = None
     strict: bool = True
     tolerance: float = TARGET_TOLERANCE
@@ -134,6 +137,9 @@ class Goal(Options):
                 f"target_latency must be a positive number of milliseconds, got {self.target_latency!r}"
             )
         budget_limit(self.budget)
+        _check(
+            self.budget_reduce in ("pooled", "max"), "budget_reduce", "'pooled' or 'max'", self.budget_reduce
+        )
         _optional_callable("evaluate", self.evaluate)
         _bool("strict", self.strict)
         _check(

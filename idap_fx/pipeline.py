@@ -130,6 +130,38 @@ def _summary_markdown(s: JobSummary) -> str:
     return "\n".join(rows) + "\n"
 
 
+def summary_rows(s: JobSummary) -> list[list[str]]:
+    """The final table's rows (label, original, optimized, ratio), as printed and as stored by the demo."""
+    rows = [
+        ["MACs", f"{s.macs[0] / 1e6:,.1f} M", f"{s.macs[1] / 1e6:,.1f} M", f"{s.macs[1] / s.macs[0]:.3f}"],
+        [
+            "params",
+            f"{s.params[0] / 1e6:,.2f} M",
+            f"{s.params[1] / 1e6:,.2f} M",
+            f"{s.params[1] / s.params[0]:.3f}",
+        ],
+        [
+            "ONNX size",
+            f"{s.onnx_bytes[0] / 1e6:,.2f} MB",
+            f"{s.onnx_bytes[1] / 1e6:,.2f} MB",
+            f"{s.onnx_bytes[1] / s.onnx_bytes[0]:.3f}",
+        ],
+    ]
+    if s.latency_ms:
+        rows.append(
+            [
+                f"ORT latency ({s.threads} thr, median)",
+                f"{s.latency_ms[0]:.2f} ms",
+                f"{s.latency_ms[1]:.2f} ms",
+                f"{s.speedup:.2f}x faster",
+            ]
+        )
+    rows.append(["ONNX parity (max rel err)", "", f"{s.parity_rel_error:.1e}", ""])
+    if s.top1_agreement is not None:
+        rows.append(["top-1 agreement", "", f"{100 * s.top1_agreement:.1f} %", ""])
+    return rows
+
+
 def summary_table(s: JobSummary, title: str = "idap_fx") -> Any:
     """The final rich table."""
     from rich.table import Table
@@ -139,29 +171,6 @@ def summary_table(s: JobSummary, title: str = "idap_fx") -> Any:
     t.add_column("original", justify="right")
     t.add_column("optimized", justify="right")
     t.add_column("ratio", justify="right")
-    t.add_row(
-        "MACs", f"{s.macs[0] / 1e6:,.1f} M", f"{s.macs[1] / 1e6:,.1f} M", f"{s.macs[1] / s.macs[0]:.3f}"
-    )
-    t.add_row(
-        "params",
-        f"{s.params[0] / 1e6:,.2f} M",
-        f"{s.params[1] / 1e6:,.2f} M",
-        f"{s.params[1] / s.params[0]:.3f}",
-    )
-    t.add_row(
-        "ONNX size",
-        f"{s.onnx_bytes[0] / 1e6:,.2f} MB",
-        f"{s.onnx_bytes[1] / 1e6:,.2f} MB",
-        f"{s.onnx_bytes[1] / s.onnx_bytes[0]:.3f}",
-    )
-    if s.latency_ms:
-        t.add_row(
-            f"ORT latency ({s.threads} thr, median)",
-            f"{s.latency_ms[0]:.2f} ms",
-            f"{s.latency_ms[1]:.2f} ms",
-            f"{s.speedup:.2f}x faster",
-        )
-    t.add_row("ONNX parity (max rel err)", "", f"{s.parity_rel_error:.1e}", "")
-    if s.top1_agreement is not None:
-        t.add_row("top-1 agreement", "", f"{100 * s.top1_agreement:.1f} %", "")
+    for row in summary_rows(s):
+        t.add_row(*row)
     return t

@@ -106,7 +106,7 @@ class Importance(Protocol):
 
 
 class Divergence:
-    """IDAP++ per-unit flow divergence (see module docstring and docs/method_decisions.md)."""
+    """IDAP++ per-unit flow divergence (see the module docstring and docs/architecture.md)."""
 
     name = "divergence"
 

@@ -151,25 +151,35 @@ class PruneChannels(IdapPass):
     def _trim(
         self, gm: fx.GraphModule, dg: DependencyGraph, scores: Scores, groups: list[ChannelGroup], k: int
     ) -> tuple[Plan, fx.GraphModule, int, int]:
-        """Largest plan of ≤ k units; if it overshoots the target, the smallest one that reaches it."""
+        """Largest plan of ≤ k units; if it overshoots the target, the smallest one that reaches it.
+
+        The bisection keeps plans, not models: one candidate model is alive at a time, and the
+        chosen plan is rebuilt at the end (one more rewrite, no extra copy of the weights).
+        """
         opts = self.opts
 
         def make(n: int) -> tuple[Plan, fx.GraphModule, int, int]:
             plan = select_units(scores, groups, n, min_channels=opts.min_channels, round_to=opts.round_to)
             return (plan, *self._candidate(gm, dg, plan)) if plan else (plan, gm, -1, -1)
 
+        def size(n: int) -> tuple[Plan, int, int]:
+            plan, _, macs, params = make(n)  # the candidate model is freed on return
+            return plan, macs, params
+
         best = make(k)
         if not best[0] or not self._reached(best[2], best[3]) or self.ctx.stop_check is not None:
             return best
+        chosen = (best[0], best[2], best[3])  # drop the model; keep what rebuilds it
+        del best
         lo, hi = 1, k  # reached at hi; find the smallest n that still reaches
         while lo < hi:
             mid = (lo + hi) // 2
-            cand = make(mid)
-            if cand[0] and self._reached(cand[2], cand[3]):
-                hi, best = mid, cand
+            plan, macs, params = size(mid)
+            if plan and self._reached(macs, params):
+                hi, chosen = mid, (plan, macs, params)
             else:
                 lo = mid + 1
-        return best
+        return chosen[0], self._candidate(gm, dg, chosen[0])[0], chosen[1], chosen[2]
 
     def _recover(
         self,

@@ -1,7 +1,9 @@
 """torch.distributed: 2 CPU processes (gloo, localhost) behave like one process over all the data.
 
 Each rank holds half of the calibration batches. Checked against a single process over
-all batches: scores, the label-free budget, the pruning plan of ``optimize``; then that
+all batches: scores, the label-free budget, the pruning plan of ``optimize``, and the
+model ``optimize`` returns for a small ResNet-18 (same parameter count, same weights to
+1e-6, with and without a budget: held-out batches are chosen by global index); then that
 only rank 0 writes the output, that DDP distillation keeps the ranks' weights identical,
 that a barrier fails with the late rank named, and that a rank raising mid-run stops the
 other one promptly with a clear error and no output file.
@@ -10,6 +12,7 @@ other one promptly with a clear error and no output file.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import pickle
 import socket
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 from helpers import random_plan, rel_err, state_hash
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torchvision.models.resnet import BasicBlock
 
 import idap_fx
 from idap_fx.budget import Budget
@@ -40,6 +44,7 @@ from idap_fx.distributed import (
     rank,
     world_size,
 )
+from idap_fx.metrics import count_params
 from idap_fx.stats import UnitIndex, find_sites
 
 WORLD = 2
@@ -66,6 +71,63 @@ class Net(nn.Module):
         return self.fc(y.mean((2, 3)))
 
 
+class SmallResNet18(nn.Module):
+    """ResNet-18's layout (4 stages of 2 basic blocks, strided 1×1 shortcuts) at widths 8–64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        blocks, c_in = [], 8
+        for c, stride in ((8, 1), (16, 2), (32, 2), (64, 2)):
+            down = None
+            if stride != 1 or c_in != c:
+                down = nn.Sequential(nn.Conv2d(c_in, c, 1, stride=stride, bias=False), nn.BatchNorm2d(c))
+            blocks += [BasicBlock(c_in, c, stride, down), BasicBlock(c, c)]
+            c_in = c
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def _resnet() -> nn.Module:
+    torch.manual_seed(5)
+    m = SmallResNet18()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so channels differ in importance
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.weight.uniform_(0.2, 1.5)
+        m.fc.bias.zero_()  # the output then depends on the features alone
+    return m.eval()
+
+
+def _resnet_batches() -> list[torch.Tensor]:
+    """4 calibration batches: rank r gets global batches 2r, 2r + 1."""
+    g = torch.Generator().manual_seed(6)
+    return [torch.randn(4, 3, 16, 16, generator=g) for _ in range(4)]
+
+
+RESNET_RUNS = {  # the budgets bind: several steps are rolled back on the held-out batch's deviation
+    "no_budget": {"budget": None},
+    "pooled": {"budget": 5e-5, "compensation": False},
+    "max": {"budget": 5e-5, "budget_reduce": "max", "compensation": False},
+}
+
+
+def _resnet_run(batches: list[torch.Tensor], options: dict[str, Any]) -> dict[str, Any]:
+    res = idap_fx.optimize(
+        _resnet(), _example(), calibration=batches, target_macs=0.5, quiet=True, strict=False, **options
+    )
+    return {
+        "params": res.report.params_after,
+        "consumed": res.report.budget_consumed,
+        "state": {k: v.clone() for k, v in res.model.state_dict().items()},
+    }
+
+
 def _net() -> nn.Module:
     torch.manual_seed(0)
     return Net().eval()
@@ -81,7 +143,7 @@ def _all_batches() -> list[torch.Tensor]:
 
 
 def _shard(r: int) -> list[torch.Tensor]:
-    """Rank ``r``'s contiguous half; optimize holds out every 4th batch, so the held-out sets add up."""
+    """Rank ``r``'s contiguous half (optimize's held-out batches are chosen by global index)."""
     per = len(_all_batches()) // WORLD
     return _all_batches()[r * per : (r + 1) * per]
 
@@ -138,6 +200,9 @@ def _main_job(r: int, out_dir: Path) -> dict[str, Any]:
     )
     got["plan"] = _plan_of(res)
     got["hash"] = state_hash(res.model)
+    per = len(_resnet_batches()) // WORLD
+    mine = _resnet_batches()[r * per : (r + 1) * per]
+    got["resnet"] = {name: _resnet_run(mine, opts) for name, opts in RESNET_RUNS.items()}
     with torch.no_grad():
         got["output"] = res.model(_example())
     check_same(got["plan"], "the pruning plan")
@@ -290,6 +355,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                 "deviation": Budget(ref, 0.05, _all_batches()).deviation(pruned),
                 "plan": _plan_of(single),
                 "output": single.model(_example()),
+                "resnet": {name: _resnet_run(_resnet_batches(), opts) for name, opts in RESNET_RUNS.items()},
             }
     finally:
         results = {name: _collect(p, name, out) for name, p in procs.items()}
@@ -326,6 +392,26 @@ def test_two_ranks_give_the_single_process_scores_plan_and_budget(runs: dict[str
     assert got[0]["hash"] == got[1]["hash"]
     for g in got:
         assert rel_err(g["output"], ref["output"]) < 1e-5
+
+
+def test_two_ranks_return_the_single_process_model(runs: dict[str, Any]) -> None:
+    """Same parameter count and weights to 1e-6 as one process over all 4 batches, budget on or off."""
+    ref = runs["reference"]["resnet"]
+    for name, want in ref.items():
+        assert want["params"] < 0.9 * count_params(_resnet()), name  # it did prune
+        if RESNET_RUNS[name]["budget"] is None:
+            assert math.isnan(want["consumed"]), name  # nothing withheld, nothing measured
+        else:
+            assert 0 < want["consumed"] <= RESNET_RUNS[name]["budget"], name
+        for r, res in enumerate(runs["main"]):
+            got = res[0]["value"]["resnet"][name]
+            assert got["params"] == want["params"], (name, r)
+            assert got["state"].keys() == want["state"].keys(), (name, r)
+            for k, v in want["state"].items():
+                assert got["state"][k].shape == v.shape, (name, r, k)
+                assert torch.allclose(got["state"][k].double(), v.double(), rtol=0, atol=1e-6), (name, r, k)
+            if not math.isnan(want["consumed"]):
+                assert got["consumed"] == pytest.approx(want["consumed"], rel=1e-9), (name, r)
 
 
 def test_only_rank_0_writes_and_a_failed_write_leaves_nothing(runs: dict[str, Any]) -> None:
