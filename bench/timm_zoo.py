@@ -1,7 +1,7 @@
 """One model per timm family under idap_fx: does it fx-trace, is a random 30 % plan exact, what freezes it.
 
 A family is a module of ``timm.models`` (resnet, convnext, vision_transformer ...); its
-model is the one with the fewest parameters (counted on the meta device), built with
+model is the smallest (parameters on the meta device) of its four smallest-named ones, built with
 ``pretrained=False`` and fed one image of its default input size. Each model runs in its
 own process under ``nice`` with a time limit. Per model: ``idap_fx.trace``; ``analyze``;
 a random 30 % plan over the exact prunable groups, checked against the mask oracle
@@ -30,25 +30,40 @@ RESULTS = ROOT / "bench" / "results" / "timm_zoo.json"
 BEGIN, END = "<!-- timm:begin -->", "<!-- timm:end -->"
 
 
-def pick_models(families: list[str] | None) -> dict[str, str]:
-    """The smallest model (by parameter count on the meta device) of every timm family."""
+_SMALL = ("test", "atto", "femto", "pico", "nano", "xxxs", "xxs", "tiny", "xs", "mini", "small", "lite", "s")
+
+
+def _smallness(name: str) -> tuple[int, int]:
+    """A cheap size guess from the name: timm's size words, then name length."""
+    tokens = name.replace(".", "_").split("_")
+    rank = min((_SMALL.index(t) for t in tokens if t in _SMALL), default=len(_SMALL))
+    return rank, len(name)
+
+
+def pick_models(families: list[str] | None, candidates: int = 4) -> dict[str, str]:
+    """Per timm family, the smallest (parameters on the meta device) of its ``candidates`` smallest-named models."""
     import timm
     import torch
     from timm.models._registry import _model_to_module
 
-    best: dict[str, tuple[int, str]] = {}
+    names: dict[str, list[str]] = {}
     for name in timm.list_models():
         fam = _model_to_module.get(name)
-        if fam is None or (families and fam not in families):
-            continue
-        try:
-            with torch.device("meta"):
-                n = sum(p.numel() for p in timm.create_model(name, pretrained=False).parameters())
-        except Exception:  # some need extra arguments: not the family's representative
-            continue
-        if fam not in best or n < best[fam][0]:
-            best[fam] = (n, name)
-    return {fam: name for fam, (_, name) in sorted(best.items())}
+        if fam is not None and (not families or fam in families):
+            names.setdefault(fam, []).append(name)
+    best: dict[str, str] = {}
+    for fam, fam_names in sorted(names.items()):
+        sized = []
+        for name in sorted(fam_names, key=_smallness)[:candidates]:
+            try:
+                with torch.device("meta"):
+                    model = timm.create_model(name, pretrained=False)
+            except Exception:  # some need extra arguments: not the family's representative
+                continue
+            sized.append((sum(p.numel() for p in model.parameters()), name))
+        if sized:
+            best[fam] = min(sized)[1]
+    return best
 
 
 def _frozen_cause(dg) -> str:  # noqa: ANN001

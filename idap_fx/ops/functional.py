@@ -96,7 +96,12 @@ def _conv_transpose_fn(ctx, node: fx.Node) -> Layout:
     return Layout(lay.ndim, (Axis((1,), out_ids),))
 
 
-@register(aten.convolution.default, fix=aten_rules._fix_conv)
+def _fix_convolution(rw: Any, node: fx.Node) -> None:
+    if not node.args[6]:  # transposed ones are not grouped (see transpose_conv_units)
+        aten_rules._fix_conv(rw, node)
+
+
+@register(aten.convolution.default, fix=_fix_convolution)
 def _convolution(ctx, node: fx.Node) -> Layout:
     """Core ATen's one convolution op: transposed or not."""
     if node.args[6]:
