@@ -1,9 +1,9 @@
 """One model per timm family under idap_fx: does it fx-trace, is a random 30 % plan exact, what freezes it.
 
 A family is a module of ``timm.models`` (resnet, convnext, vision_transformer ...); its
-model is the smallest (parameters on the meta device) of its four smallest-named ones, built with
-``pretrained=False`` and fed one image of its default input size. Each model runs in its
-own process under ``nice`` with a time limit. Per model: ``idap_fx.trace``; ``analyze``;
+model is its smallest-looking one (timm's size words: ``test``, ``atto`` ... ``small``), built with
+``pretrained=False`` and fed one image of its default input size. All run in one process
+under ``nice``, each with a time limit (SIGALRM). Per model: ``idap_fx.trace``; ``analyze``;
 a random 30 % plan over the exact prunable groups, checked against the mask oracle
 (prune == mask, relative error <= 1e-4); the parameters that plan removes, and those a
 30 % plan over every prunable group (inexact ones too) removes. A family *passes* when the
@@ -17,9 +17,10 @@ Writes ``bench/results/timm_zoo.json`` and the timm section of ``docs/zoo.md``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import re
-import subprocess
+import signal
 import sys
 import time
 from collections import Counter
@@ -40,10 +41,9 @@ def _smallness(name: str) -> tuple[int, int]:
     return rank, len(name)
 
 
-def pick_models(families: list[str] | None, candidates: int = 4) -> dict[str, str]:
-    """Per timm family, the smallest (parameters on the meta device) of its ``candidates`` smallest-named models."""
+def pick_models(families: list[str] | None) -> dict[str, list[str]]:
+    """Per timm family, its model names smallest-looking first (timm's size words, then name length)."""
     import timm
-    import torch
     from timm.models._registry import _model_to_module
 
     names: dict[str, list[str]] = {}
@@ -51,49 +51,71 @@ def pick_models(families: list[str] | None, candidates: int = 4) -> dict[str, st
         fam = _model_to_module.get(name)
         if fam is not None and (not families or fam in families):
             names.setdefault(fam, []).append(name)
-    best: dict[str, str] = {}
-    for fam, fam_names in sorted(names.items()):
-        sized = []
-        for name in sorted(fam_names, key=_smallness)[:candidates]:
-            try:
-                with torch.device("meta"):
-                    model = timm.create_model(name, pretrained=False)
-            except Exception:  # some need extra arguments: not the family's representative
-                continue
-            sized.append((sum(p.numel() for p in model.parameters()), name))
-        if sized:
-            best[fam] = min(sized)[1]
-    return best
+    order = {f: i for i, f in enumerate(families or [])}
+    return {
+        f: sorted(n, key=_smallness) for f, n in sorted(names.items(), key=lambda kv: order.get(kv[0], 0))
+    }
 
 
 def _frozen_cause(dg) -> str:  # noqa: ANN001
     """The most common first frozen reason among non-trivial frozen groups, node names dropped."""
     reasons = Counter()
     for g in dg.groups:
-        if not g.prunable and g.frozen_reason and not g.frozen_reason.startswith(("graph input", "parameter")):
+        if (
+            not g.prunable
+            and g.frozen_reason
+            and not g.frozen_reason.startswith(("graph input", "parameter"))
+        ):
             first = g.frozen_reason.split(";")[0]
             reasons[re.sub(r"\b[\w.]*_\d+\b|\b\w+\.\w+[\w.]*\b", "…", first)[:90]] += g.channels
     return reasons.most_common(1)[0][0] if reasons else ""
 
 
-def run_one(name: str) -> dict:
-    """Trace, analyse and prune one timm model; the result row."""
+def _timeout(signum: int, frame: object) -> None:
+    raise TimeoutError
+
+
+def run_one(names: list[str], timeout: int) -> dict:
+    """Trace, analyse and prune the first of ``names`` that builds; the result row."""
     import timm
     import torch
 
     sys.path.insert(0, str(ROOT / "tests"))
-    import idap_fx
     from helpers import random_plan, rel_err
+
+    import idap_fx
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    for name in names[:4]:
+        try:
+            model = timm.create_model(name, pretrained=False).eval()
+            break
+        except Exception:  # some need extra arguments: not the family's representative
+            continue
+    else:
+        return {"model": names[0], "status": "crash", "error": "no model of the family builds"}
     row: dict = {"model": name}
-    model = timm.create_model(name, pretrained=False).eval()
     size = model.pretrained_cfg.get("input_size", (3, 224, 224))
     x = torch.randn(1, *size)
     row["input"] = list(size)
     row["params"] = sum(p.numel() for p in model.parameters())
     t0 = time.perf_counter()
+    signal.signal(signal.SIGALRM, _timeout)
+    signal.alarm(timeout)
+    try:
+        return _prune_row(row, model, x, idap_fx, random_plan, rel_err, t0)
+    except TimeoutError:
+        return {**row, "status": "timeout", "error": f"over {timeout} s"}
+    except Exception as exc:
+        return {**row, "status": "crash", "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    finally:
+        signal.alarm(0)
+
+
+def _prune_row(row: dict, model, x, idap_fx, random_plan, rel_err, t0: float) -> dict:  # noqa: ANN001
+    import torch
+
     try:
         gm = idap_fx.trace(model, x)
     except Exception as exc:
@@ -103,7 +125,9 @@ def run_one(name: str) -> dict:
     row["analyze_s"] = round(time.perf_counter() - t0, 2)
     exact = [g for g in dg.prunable if g.exact]
     row.update(groups=len(dg.groups), prunable=len(dg.prunable), exact=len(exact))
-    row["boundaries"] = sorted({re.sub(r"^\w+ ", "", r).split(" (rule")[0] for r in dg.boundaries.values()})[:5]
+    row["boundaries"] = sorted({re.sub(r"^\w+ ", "", r).split(" (rule")[0] for r in dg.boundaries.values()})[
+        :5
+    ]
     row["frozen_cause"] = _frozen_cause(dg)
     exact_ids = {g.id for g in exact}
     plan_exact = {k: v for k, v in random_plan(dg, 0.3).items() if k in exact_ids}
@@ -174,27 +198,23 @@ def _write_section(path: Path, section: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--one", help="run one model in this process and print its JSON row")
-    parser.add_argument("--families", nargs="*", help="only these families")
+    parser.add_argument("--families", nargs="*", help="only these families, in this order")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per model")
+    parser.add_argument("--resume", action="store_true", help="keep the families already in the results")
+    parser.add_argument("--md-only", action="store_true", help="write the markdown from the saved results")
     parser.add_argument("--out", default=str(ROOT / "docs" / "zoo.md"), help="markdown file, '-' for stdout")
     args = parser.parse_args()
-    if args.one:
-        print(json.dumps(run_one(args.one)))
-        return
-    results: dict[str, dict] = {}
-    for fam, name in pick_models(args.families).items():
-        cmd = ["nice", "-n", "19", "timeout", str(args.timeout), sys.executable, __file__, "--one", name]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode == 124:
-            results[fam] = {"model": name, "status": "timeout", "error": f"over {args.timeout} s"}
-        elif proc.returncode != 0:
-            tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-            results[fam] = {"model": name, "status": "crash", "error": tail}
-        else:
-            results[fam] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(fam, name, results[fam]["status"], results[fam].get("error", ""), flush=True)
-        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    results: dict[str, dict] = json.loads(RESULTS.read_text()) if args.resume or args.md_only else {}
+    if not args.md_only:
+        for fam, names in pick_models(args.families).items():
+            if fam in results:
+                continue
+            results[fam] = run_one(names, args.timeout)
+            print(
+                fam, results[fam]["model"], results[fam]["status"], results[fam].get("error", ""), flush=True
+            )
+            RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+            gc.collect()
     section = markdown(results, args.timeout)
     if args.out == "-":
         print(section)

@@ -217,7 +217,9 @@ def _check_state_kept(model: nn.Module, before: dict[str, tuple[torch.Tensor, in
 _CONSTANTS = (type(None), bool, int, float, str)
 
 
-def _optional_defaults(model: nn.Module, n_inputs: int, given: dict[str, Any] | None) -> dict[str, Any] | None:
+def _optional_defaults(
+    model: nn.Module, n_inputs: int, given: dict[str, Any] | None
+) -> dict[str, Any] | None:
     """Pin the optional arguments the example inputs leave out (``attn_mask=None``) to their defaults.
 
     fx would otherwise trace them as proxies, so ``if attn_mask is not None`` would take the
@@ -231,9 +233,9 @@ def _optional_defaults(model: nn.Module, n_inputs: int, given: dict[str, Any] | 
         return given
     pinned = dict(given or {})
     for p in params[n_inputs:]:
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in pinned:
-            if p.default is not p.empty and isinstance(p.default, _CONSTANTS):
-                pinned[p.name] = p.default
+        named = p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        if named and p.name not in pinned and p.default is not p.empty and isinstance(p.default, _CONSTANTS):
+            pinned[p.name] = p.default
     return pinned or given
 
 

@@ -78,9 +78,7 @@ def test_unet_groups_are_exact_and_prune_equals_mask() -> None:
 def test_optimize_reaches_the_macs_target_without_prune_inexact() -> None:
     x = torch.randn(4, 3, 16, 16)
     calibration = [torch.randn(4, 3, 16, 16) for _ in range(4)]
-    result = idap_fx.optimize(
-        _unet(), x, calibration=calibration, target_macs=0.7, budget=None, quiet=True
-    )
+    result = idap_fx.optimize(_unet(), x, calibration=calibration, target_macs=0.7, budget=None, quiet=True)
     ratio = result.report.macs_after / result.report.macs_before
     assert abs(ratio - 0.7) <= 0.03, ratio
     assert result.report.target_reached

@@ -119,7 +119,8 @@ def _fix_conv(rw: Any, node: fx.Node) -> None:
         node.kwargs = {**node.kwargs, "groups": new_groups}
 
 
-CONV_FUNCTIONS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)  # convolution: ops.functional
+# aten.convolution (transposed or not) is in ops.functional
+CONV_FUNCTIONS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
 
 
 @register(*CONV_FUNCTIONS, fix=_fix_conv)

@@ -263,7 +263,9 @@ def _getitem(ctx, node: fx.Node) -> Any:
 
 def _whole(start: Any, stop: Any, step: Any, size: int) -> bool:
     """Whether ``[start:stop:step]`` keeps a dim of ``size`` whole (and stays whole when it shrinks)."""
-    return start in (None, 0) and (stop is None or isinstance(stop, int) and stop >= size) and step in (None, 1)
+    return (
+        start in (None, 0) and (stop is None or isinstance(stop, int) and stop >= size) and step in (None, 1)
+    )
 
 
 def _empty(start: Any, size: int) -> bool:
