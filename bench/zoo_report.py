@@ -143,7 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.out == "-":
         print(page)
     else:
-        Path(args.out).write_text(page)
+        out = Path(args.out)
+        old = out.read_text() if out.exists() else ""
+        timm = old[old.index("<!-- timm:begin -->") :] if "<!-- timm:begin -->" in old else ""
+        out.write_text(page + ("\n" + timm if timm else ""))  # bench/timm_zoo.py's section stays
     return 0
 
 

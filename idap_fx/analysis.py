@@ -231,7 +231,9 @@ def analyze(gm: fx.GraphModule, example_inputs: Any = None) -> DependencyGraph:
         from idap_fx.trace import record_shapes
 
         record_shapes(gm, example_inputs)
-    missing = [n.name for n in gm.graph.nodes if n.op == "placeholder" and "tensor_meta" not in n.meta]
+    missing = [  # an optional argument (a placeholder with a default) may be left out
+        n.name for n in gm.graph.nodes if n.op == "placeholder" and not n.args and "tensor_meta" not in n.meta
+    ]
     if missing:
         raise AnalysisError(
             f"node(s) {missing} carry no shapes: build the graph with idap_fx.trace(model, example_inputs) "

@@ -206,7 +206,8 @@ class Coupling:
             by_unit = np.argsort(units_here, kind="stable")  # elements grouped by unit, ascending within
             _, starts = np.unique(units_here[by_unit], return_index=True)
             chunks = np.split(elems[by_unit], starts[1:])
-            units = sorted(chunks, key=lambda c: int(c[0]))  # units ordered by their first element
+            # units ordered by their first element; a zero-size space (an empty slice) holds none
+            units = sorted((c for c in chunks if c.size), key=lambda c: int(c[0]))
             frozen = _first_reasons(frozen_why, comp)
             inexact = _first_reasons(inexact_why, comp)
             anchor = group_spaces[0]

@@ -108,13 +108,23 @@ def _split_holdout(batches: list[Any], checked: bool) -> tuple[list[Any], list[A
 
 
 def _check_weights(gm: fx.GraphModule, fix: str = "fix the model's weights before pruning") -> None:
+    """Refuse meta tensors, NaN anywhere, and ±inf in parameters or running statistics.
+
+    Other buffers may hold ±inf: an additive attention mask is -inf where it masks.
+    """
+    stats = {
+        id(t) for m in gm.modules() if isinstance(m, nn.modules.batchnorm._NormBase) for t in m.buffers()
+    }
+    weights = {id(t) for t in gm.parameters()} | stats
     for name, t in list(gm.named_parameters()) + list(gm.named_buffers()):
         if t.device.type == "meta":
             raise IdapError(
                 f"{name} is on the meta device (no values): optimize needs the weights; load them "
                 "first (model.to_empty(device='cpu'), then load_state_dict)"
             )
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if not t.is_floating_point():
+            continue
+        if torch.isnan(t).any() or (id(t) in weights and not torch.isfinite(t).all()):
             raise IdapError(f"{name} contains NaN or Inf: {fix}")
 
 

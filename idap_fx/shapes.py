@@ -101,8 +101,10 @@ def record_shapes(gm: fx.GraphModule, example_inputs: Any, *, watch: bool = Fals
     ``watch`` refuses in-place updates of the inputs, parameters or buffers (see ``trace``).
     """
     inputs = as_tuple(example_inputs)
-    n_placeholders = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
-    if len(inputs) != n_placeholders:
-        raise TraceError(f"the model takes {n_placeholders} input(s), example_inputs has {len(inputs)}")
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    required = sum(1 for n in placeholders if not n.args)  # the rest have defaults (optional arguments)
+    if not required <= len(inputs) <= len(placeholders):
+        takes = f"{required} to {len(placeholders)}" if required < len(placeholders) else f"{required}"
+        raise TraceError(f"the model takes {takes} input(s), example_inputs has {len(inputs)}")
     with torch.no_grad():
         _NamedShapeProp(gm, inputs, watch).run(*inputs)

@@ -124,8 +124,9 @@ class _Rewrite:
             meta = node.meta.get("tensor_meta")
             if is_tensor_meta(meta):
                 node.meta["tensor_meta"] = meta._replace(shape=torch.Size(self.shape(node)))
-            elif isinstance(meta, tuple) and any(is_tensor_meta(m) for m in meta):
-                node.meta["tensor_meta"] = tuple(
+            elif isinstance(meta, (tuple, list)) and any(is_tensor_meta(m) for m in meta):
+                # tuples (max_pool with indices) and lists (ATen split / chunk) alike
+                node.meta["tensor_meta"] = type(meta)(
                     m._replace(shape=torch.Size(self.shape(node, i))) if is_tensor_meta(m) else m
                     for i, m in enumerate(meta)
                 )
@@ -156,11 +157,20 @@ def _fix_layer_norm(rw: _Rewrite, node: fx.Node, mod: nn.LayerNorm) -> None:
 
 
 def _fix_group_norm(rw: _Rewrite, node: fx.Node, mod: nn.GroupNorm) -> None:
-    mod.num_channels = rw.shape(node)[1]
+    """Whole groups go (the group size stays), unless there is only one group."""
+    new_c = rw.shape(node)[1]
+    if mod.num_groups > 1:
+        mod.num_groups = new_c // (mod.num_channels // mod.num_groups)
+    mod.num_channels = new_c
 
 
 def _fix_prelu(rw: _Rewrite, node: fx.Node, mod: nn.PReLU) -> None:
     mod.num_parameters = mod.weight.numel()
+
+
+def _fix_conv_transpose(rw: _Rewrite, node: fx.Node, mod: nn.Module) -> None:
+    mod.in_channels = mod.weight.shape[0]
+    mod.out_channels = mod.weight.shape[1] * mod.groups
 
 
 def _fix_embedding(rw: _Rewrite, node: fx.Node, mod: nn.Embedding) -> None:
@@ -175,6 +185,7 @@ _MODULE_FIXERS: list[tuple[tuple[type, ...], Callable[[_Rewrite, fx.Node, Any], 
     ((nn.GroupNorm,), _fix_group_norm),
     ((nn.PReLU,), _fix_prelu),
     ((nn.Embedding,), _fix_embedding),
+    ((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), _fix_conv_transpose),
 ]
 
 

@@ -8,6 +8,7 @@ weights), put in eval mode, traced, and run once to record shapes (as ``ShapePro
 from __future__ import annotations
 
 import copy
+import inspect
 import traceback
 from collections.abc import Sequence
 from typing import Any
@@ -122,6 +123,31 @@ def _check_state_kept(model: nn.Module, before: dict[str, tuple[torch.Tensor, in
             )
 
 
+_CONSTANTS = (type(None), bool, int, float, str)
+
+
+def _optional_defaults(
+    model: nn.Module, n_inputs: int, given: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """Pin the optional arguments the example inputs leave out (``attn_mask=None``) to their defaults.
+
+    fx would otherwise trace them as proxies, so ``if attn_mask is not None`` would take the
+    branch the example never runs. Only constant defaults are pinned; arguments named in
+    ``concrete_args`` keep the caller's value.
+    """
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return given
+    pinned = dict(given or {})
+    for p in params[n_inputs:]:
+        named = p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        if named and p.name not in pinned and p.default is not p.empty and isinstance(p.default, _CONSTANTS):
+            pinned[p.name] = p.default
+    return pinned or given
+
+
 def trace(
     model: nn.Module,
     example_inputs: Any,
@@ -132,7 +158,8 @@ def trace(
     """Trace ``model`` (an ``nn.Module`` or a ``GraphModule``) into a new GraphModule with shapes.
 
     ``leaf_modules`` are module types kept as opaque calls (their channels are frozen);
-    ``concrete_args`` pins Python arguments that steer control flow. Raises ``TraceError``
+    ``concrete_args`` pins Python arguments that steer control flow; optional arguments the
+    example inputs leave out are pinned to their (constant) defaults. Raises ``TraceError``
     for integer or quantized weights, example inputs on another device than the model
     (a meta-device model traces only with meta inputs), and a forward() that modifies its
     inputs, parameters or buffers in place (in-place ops on intermediate activations,
@@ -151,6 +178,7 @@ def trace(
     if isinstance(copied, fx.GraphModule):
         gm = copied
     else:
+        concrete_args = _optional_defaults(copied, len(inputs), concrete_args)
         tracer = _RecordingTracer(leaf_modules)
         state = _state(copied)
         try:

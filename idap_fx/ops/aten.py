@@ -100,7 +100,8 @@ def _conv_args(node: fx.Node) -> tuple[fx.Node, fx.Node, Any, int]:
         return node.args[0], node.args[1], node.args[2], node.args[8]
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
-    return node.args[0], node.args[1], bias, groups
+    weight = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+    return node.args[0], weight, bias, groups
 
 
 def _fix_conv(rw: Any, node: fx.Node) -> None:
@@ -118,7 +119,8 @@ def _fix_conv(rw: Any, node: fx.Node) -> None:
         node.kwargs = {**node.kwargs, "groups": new_groups}
 
 
-CONV_FUNCTIONS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default)
+# aten.convolution (transposed or not) is in ops.functional
+CONV_FUNCTIONS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
 
 
 @register(*CONV_FUNCTIONS, fix=_fix_conv)
@@ -197,8 +199,13 @@ def _native_layer_norm(ctx, node: fx.Node) -> tuple[Layout, ...]:
 
 @register(aten.embedding.default)
 def _embedding(ctx, node: fx.Node) -> Layout:
-    """``embedding(weight, indices)``: the output's last dim is the weight's dim 1."""
-    lay_w, lay_i = ctx.layout(node.args[0]), ctx.layout(node.args[1])
+    """``embedding(weight, indices)``."""
+    return embed(ctx, node, node.args[0], node.args[1])
+
+
+def embed(ctx, node: fx.Node, weight: fx.Node, indices: fx.Node) -> Layout:
+    """A lookup of ``indices`` in ``weight``: the output's last dim is the weight's dim 1."""
+    lay_w, lay_i = ctx.layout(weight), ctx.layout(indices)
     rows = lay_w.axis_of(0)
     if rows is not None:
         ctx.coupling.freeze(rows.ids, f"{node.name}: vocabulary rows are looked up")
@@ -215,13 +222,15 @@ def _slice(ctx, node: fx.Node) -> Layout:
     size = ctx.shape(node.args[0])
     dim = shape._norm_dim(node.args[1] if len(node.args) > 1 else 0, lay.ndim)
     start, end, step = (list(node.args[2:]) + [None, None, 1])[:3]
-    whole = (start in (None, 0)) and (end is None or end >= size[dim]) and step == 1
-    if whole:
+    if shape._whole(start, end, step, size[dim]):
         return lay
+    empty = shape._empty(start, size[dim])  # a zero-size slice (partial rotary's empty pass-through)
     axes = []
     for ax in lay.axes:
-        if dim in ax.dims:
+        if dim in ax.dims and not empty:
             ctx.coupling.freeze(ax.ids, f"{node.name}: slices channels")
+        elif dim in ax.dims:
+            continue
         else:
             axes.append(ax)
     return Layout(lay.ndim, tuple(axes))

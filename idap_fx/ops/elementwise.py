@@ -2,7 +2,8 @@
 
 Broadcasting lines dims up from the right, so a residual ``x + f(x)``, an SE gate
 ``x * s[:, :, None, None]`` or a layer-scale ``gamma * x`` couple channel ``i`` of
-every input.
+every input. Every ATen overload tagged ``torch.Tag.pointwise`` without a rule of its
+own (``expm1``, ``min.other``, ``lerp`` ...) takes this rule.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import fx, nn
 
 from idap_fx.layout import Layout
 from idap_fx.ops.merge import Operand, merge, to_layout
-from idap_fx.ops.registry import register
+from idap_fx.ops.registry import register, register_tag
 
 UNARY_MODULES = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh,
@@ -45,6 +46,7 @@ METHODS = (
 )  # fmt: skip
 
 
+@register_tag(torch.Tag.pointwise)
 @register(*UNARY_MODULES, *FUNCTIONS, *METHODS)
 def _elementwise(ctx, node: fx.Node) -> Layout:
     """Couple every tensor input, broadcast from the right, into the output's dims."""

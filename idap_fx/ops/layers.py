@@ -2,8 +2,9 @@
 
 Grouped convolutions keep their groups balanced: a unit is one in-group position in
 every group (or, for depthwise convs, one whole group: input channel + its outputs).
-Normalisation layers slice their per-channel parameters; LayerNorm/GroupNorm over
-channels also mark the group inexact (their statistics change when channels go).
+Normalisation layers slice their per-channel parameters; LayerNorm over
+channels also marks the group inexact (its statistics change when channels go); GroupNorm
+is in ``functional`` (whole groups are its units).
 """
 
 from __future__ import annotations
@@ -138,22 +139,6 @@ def _layer_norm_fn(ctx, node: fx.Node) -> Layout:
     shape = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
     _norm_last(ctx, node, ctx.layout(node.args[0]), len(shape), False)
     return _elementwise(ctx, node)  # couples the weight/bias get_attr tensors with the channels
-
-
-@register(nn.GroupNorm)
-def _group_norm(ctx, node: fx.Node) -> Layout:
-    mod = ctx.module(node)
-    lay = ctx.layout(node.args[0])
-    ax = lay.axis_of(1)
-    if ax is None:
-        return lay
-    if ax.dims != (1,):
-        raise ValueError("channel dim is part of a multi-dim axis")
-    _collapse(ctx.coupling, ax.ids.reshape(mod.num_groups, -1), [0], node.name)
-    ctx.coupling.inexact(ax.ids, f"{node.name}: GroupNorm statistics span the channels")
-    ctx.param(node, "weight", 0, "chan", ax.ids)
-    ctx.param(node, "bias", 0, "chan", ax.ids)
-    return lay
 
 
 @register(nn.PReLU)

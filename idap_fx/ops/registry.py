@@ -34,6 +34,7 @@ class Rule:
 MODULE_RULES: dict[type, Rule] = {}
 FUNCTION_RULES: dict[Callable, Rule] = {}
 METHOD_RULES: dict[str, Rule] = {}
+TAG_RULES: dict[torch.Tag, Rule] = {}  # ATen overloads without a rule of their own, by tag (pointwise)
 
 
 def register(*keys: type | Callable | str, fix: Fixer | None = None) -> Callable[[Propagate], Propagate]:
@@ -53,14 +54,28 @@ def register(*keys: type | Callable | str, fix: Fixer | None = None) -> Callable
     return deco
 
 
+def register_tag(tag: torch.Tag, fix: Fixer | None = None) -> Callable[[Propagate], Propagate]:
+    """Decorator: ``fn`` is the rule for every ATen overload tagged ``tag`` that has no rule of its own."""
+
+    def deco(fn: Propagate) -> Propagate:
+        TAG_RULES[tag] = Rule(fn.__name__.lstrip("_"), fn, fix)
+        return fn
+
+    return deco
+
+
 def lookup(node: fx.Node, gm: fx.GraphModule) -> Rule | None:
     """The rule for ``node`` or ``None`` (a boundary).
 
     A module subclass only inherits its parent's rule when it does not override
-    ``forward``: a custom forward is unknown code.
+    ``forward``: a custom forward is unknown code. An ATen overload without a rule of its
+    own takes the rule of its first registered tag (``torch.Tag.pointwise``: element-wise).
     """
     if node.op == "call_function":
-        return FUNCTION_RULES.get(node.target)
+        rule = FUNCTION_RULES.get(node.target)
+        if rule is None and isinstance(node.target, torch._ops.OpOverload):
+            rule = next((TAG_RULES[t] for t in node.target.tags if t in TAG_RULES), None)
+        return rule
     if node.op == "call_method":
         return METHOD_RULES.get(node.target)
     if node.op == "call_module":

@@ -196,6 +196,8 @@ def _cat(ctx, node: fx.Node) -> Layout:
     pieces, operands = [], []
     for k, t in enumerate(tensors):
         lay, shape = ctx.layout(t), ctx.shape(t)
+        if shape[dim] == 0 and len(shape) == nd:  # an empty piece (a zero-size slice) adds nothing
+            continue
         ax = lay.axis_of(dim)
         rest = tuple(a for a in lay.axes if a is not ax)
         if ax is not None and len(ax.dims) == 1:
@@ -259,11 +261,24 @@ def _getitem(ctx, node: fx.Node) -> Any:
     return _index_tensor(ctx, node, value, index)
 
 
+def _whole(start: Any, stop: Any, step: Any, size: int) -> bool:
+    """Whether ``[start:stop:step]`` keeps a dim of ``size`` whole (and stays whole when it shrinks)."""
+    return (
+        start in (None, 0) and (stop is None or isinstance(stop, int) and stop >= size) and step in (None, 1)
+    )
+
+
+def _empty(start: Any, size: int) -> bool:
+    """Whether a slice from ``start`` is empty on a dim of ``size`` (and stays empty when it shrinks)."""
+    return isinstance(start, int) and start >= size
+
+
 def _index_tensor(ctx, node: fx.Node, lay: Layout, index: Any) -> Layout:
     items = list(index) if isinstance(index, tuple) else [index]
     consumed = sum(1 for it in items if it is not None and it is not Ellipsis)
     mapping: dict[int, int] = {}
     dropped: list[int] = []
+    empty: list[int] = []
     i = o = 0
     for it in items:
         if it is None:
@@ -276,8 +291,10 @@ def _index_tensor(ctx, node: fx.Node, lay: Layout, index: Any) -> Layout:
             dropped.append(i)
             i += 1
         elif isinstance(it, slice):
-            if it != slice(None):
-                dropped.append(i)  # absolute bounds go stale when the dim shrinks
+            size = ctx.shape(node.args[0])[i]
+            if not _whole(it.start, it.stop, it.step, size):
+                # absolute bounds go stale when the dim shrinks; an empty slice stays empty
+                (empty if _empty(it.start, size) else dropped).append(i)
             mapping[i] = o
             i, o = i + 1, o + 1
         else:
@@ -289,7 +306,7 @@ def _index_tensor(ctx, node: fx.Node, lay: Layout, index: Any) -> Layout:
     for ax in lay.axes:
         if set(ax.dims) & set(dropped):
             ctx.coupling.freeze(ax.ids, f"{node.name}: indexes into channels")
-        else:
+        elif not set(ax.dims) & set(empty):
             axes.append(ax.moved(mapping))
     return Layout(len(ctx.shape(node)), tuple(axes))
 
