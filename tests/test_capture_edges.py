@@ -18,7 +18,7 @@ from torch import nn
 
 import idap_fx
 from idap_fx.errors import IdapError, TraceError
-from idap_fx.exported import from_exported
+from idap_fx.torch_export import from_exported
 from idap_fx.trace import record_shapes
 
 

@@ -15,7 +15,7 @@ from helpers import expected_param_shapes, random_plan, rel_err
 from torch import nn
 
 import idap_fx
-from idap_fx.exported import from_exported
+from idap_fx.torch_export import from_exported
 
 
 def _oracle(gm: torch.fx.GraphModule, plan: dict, *args) -> torch.fx.GraphModule:
