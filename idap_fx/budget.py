@@ -88,6 +88,10 @@ class Budget:
             return 0.0 if num == 0.0 else math.inf
         return num / den if not math.isnan(num) else math.inf
 
+    def measure(self, model: nn.Module) -> float:
+        """What ``model`` consumes of the budget (lower is better): the held-out measure recovery keeps the best of."""
+        return self.check(model).consumed
+
     def check(self, model: nn.Module) -> Verdict:
         """Measure ``model``; ``ok`` says whether it is within budget (always, when the budget is off)."""
         if self.evaluate is not None:

@@ -306,9 +306,10 @@ def _report(
     macs0, macs1 = count_macs(original, inputs), count_macs(model, inputs)
     params0, params1 = count_params(original), count_params(model)
     final = checker.check(model)
-    steps, schedule_used, removed, trials, stops = [], [], [], [], []
+    steps, schedule_used, removed, trials, stops, recovery = [], [], [], [], [], []
     for p in pass_objs:
         steps += [asdict(s) for s in getattr(p, "steps", [])]
+        recovery += getattr(p, "recoveries", [])
         schedule_used += getattr(p, "schedule_used", [])
         removed += getattr(p, "removed", [])
         trials += getattr(p, "trials", [])
@@ -343,4 +344,5 @@ def _report(
         timings=phases,
         frozen_ops={},
         notes=notes,
+        recovery=recovery,
     )

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -159,6 +159,7 @@ class PruneChannels(PassBase):
         self.stop_reason = ""
         self.timings: dict[str, float] = {}
         self.last_scores: Scores = {}
+        self.recoveries: list[dict[str, Any]] = []  # one per recovered candidate, rolled-back ones included
 
     def _time(self, phase: str, start: float) -> None:
         self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - start
@@ -225,12 +226,23 @@ class PruneChannels(PassBase):
         notes = []
         if cfg.compensation:
             notes.append(f"compensated {compensate(before, after, dg, plan, ctx.sites)} layers")
+        measure = cfg.budget.measure
+        record = None
         if cfg.fine_tune is not None:
-            after = run_fine_tune(cfg.fine_tune, after, before)
+            after, record = run_fine_tune(cfg.fine_tune, after, before, measure)
             notes.append("fine_tune callback")
         elif cfg.train_loader is not None:
-            distill(after, before, cfg.train_loader, steps=cfg.distill_steps, progress=cfg.progress)
+            record = distill(
+                after,
+                before,
+                cfg.train_loader,
+                steps=cfg.distill_steps,
+                measure=measure,
+                progress=cfg.progress,
+            )
             notes.append("distilled")
+        if record is not None:
+            self.recoveries.append({"pass": "prune_channels", "at": len(self.steps)} | asdict(record))
         self._time("recover", t0)
         return after, ", ".join(notes)
 

@@ -17,7 +17,7 @@ import copy
 import itertools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from torch import fx
@@ -69,6 +69,7 @@ class SkipLayers(PassBase):
         self.schedule_used: list[float] = []
         self.stop_reason = ""
         self.timings: dict[str, float] = {}
+        self.recoveries: list[dict[str, Any]] = []
 
     def _time(self, phase: str, start: float) -> None:
         self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - start
@@ -80,15 +81,29 @@ class SkipLayers(PassBase):
     def ensures(self, graph_module: fx.GraphModule) -> None:
         graph_module.graph.lint()
 
-    def _recover(self, model: fx.GraphModule, teacher: fx.GraphModule) -> tuple[fx.GraphModule, str]:
+    def _recover(
+        self, model: fx.GraphModule, teacher: fx.GraphModule, what: str
+    ) -> tuple[fx.GraphModule, str]:
         cfg = self.cfg
         t0 = time.perf_counter()
-        note = ""
+        note, record, measure = "", None, cfg.budget.measure
         if cfg.fine_tune is not None:
-            model, note = run_fine_tune(cfg.fine_tune, model, teacher), "fine_tune callback"
+            (model, record), note = (
+                run_fine_tune(cfg.fine_tune, model, teacher, measure),
+                "fine_tune callback",
+            )
         elif cfg.train_loader is not None:
-            distill(model, teacher, cfg.train_loader, steps=cfg.distill_steps, progress=cfg.progress)
+            record = distill(
+                model,
+                teacher,
+                cfg.train_loader,
+                steps=cfg.distill_steps,
+                measure=measure,
+                progress=cfg.progress,
+            )
             note = "distilled"
+        if record is not None:
+            self.recoveries.append({"pass": "skip_layers", "at": what} | asdict(record))
         self._time("skip_recover", t0)
         return model, note
 
@@ -126,7 +141,7 @@ class SkipLayers(PassBase):
             t0 = time.perf_counter()
             trial = remove(current, cand, cfg.example_inputs, fits.get(cand.key))
             self._time("skip_rewrite", t0)
-            trial, note = self._recover(trial, current)
+            trial, note = self._recover(trial, current, cand.name)
             t0 = time.perf_counter()
             verdict = cfg.budget.check(trial)
             self._time("skip_budget", t0)
@@ -159,7 +174,7 @@ class SkipLayers(PassBase):
 
     def _final_recovery(self, model: fx.GraphModule, teacher: fx.GraphModule) -> fx.GraphModule:
         """Recover once more from the pass's input model; kept only if it stays within budget."""
-        tuned, _ = self._recover(copy.deepcopy(model), teacher)
+        tuned, _ = self._recover(copy.deepcopy(model), teacher, "final")
         t0 = time.perf_counter()
         ok = self.cfg.budget.check(tuned).ok
         self._time("skip_budget", t0)
