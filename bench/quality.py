@@ -98,12 +98,14 @@ def _shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return pad[:, :, dy : dy + x.shape[2], dx : dx + x.shape[3]]
 
 
-def train_model(seed: int, data: dict[str, Any]) -> tuple[nn.Module, dict[str, float]]:
-    """Train (or load from the cache) the seed's DigitsNet; keep the epoch with the best validation accuracy."""
-    config = {**TRAIN, "seed": seed, "arch": "DigitsNet-v1"}
+def train_model(
+    seed: int, data: dict[str, Any], net: type[nn.Module] | None = None, arch: str = "DigitsNet-v1"
+) -> tuple[nn.Module, dict[str, float]]:
+    """Train (or load from the cache) the seed's ``net`` (default DigitsNet); keep the best validation epoch."""
+    config = {**TRAIN, "seed": seed, "arch": arch}
     path = cache_path("digits", config)
     seed_all(seed)
-    model = DigitsNet(TRAIN["width"])
+    model = (net or DigitsNet)(TRAIN["width"])
     if path.exists():
         blob = torch.load(path, weights_only=True)
         model.load_state_dict(blob["state"])

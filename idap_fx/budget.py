@@ -119,6 +119,15 @@ class Budget:
                 worst = max(worst, float(ratio.max())) if ratio.numel() else worst
         return reducer().all_max(worst)
 
+    def held_out(self, model: nn.Module) -> float:
+        """What ``model`` consumes of the budget (lower is better): the held-out measure recovery keeps the best of."""
+        return self.check(model).consumed
+
+    @property
+    def recovery_measure(self) -> Callable[[nn.Module], float] | None:
+        """``held_out`` when this budget measures anything (recovery keeps its best state on it), else None."""
+        return self.held_out if self.measure else None
+
     def check(self, model: nn.Module) -> Verdict:
         """Measure ``model``; ``ok`` says whether it is within budget (always, when the budget is off)."""
         if not self.measure:

@@ -240,9 +240,10 @@ def _context(
     """What the passes share: batches checked and split, the budget's baseline, the original's cost.
 
     Calibration batches are withheld only for the label-free deviation (a budget without
-    ``evaluate``, or a stage-2 ``tau_layer``); ``evaluate`` measures on the caller's data.
+    ``evaluate``, a stage-2 ``tau_layer``, or a recovery that trains and keeps its best
+    held-out state); ``evaluate`` measures on the caller's data.
     """
-    checked = goal.evaluate is None and (goal.budget is not None or tau_layer)
+    checked = goal.evaluate is None and (goal.budget is not None or tau_layer or recovery.trains)
     score_batches, holdout, note = _split_holdout(_batches(calibration, inputs, original), checked)
     notes = [note] if note else []
     if not checked and goal.evaluate is None:
@@ -319,4 +320,5 @@ def _report(
         timings=phases,
         frozen_ops=next((r.frozen_ops for r in records if r.frozen_ops), {}),
         notes=notes,
+        recovery=[x for r in records for x in r.recovery],
     )

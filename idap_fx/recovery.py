@@ -1,25 +1,37 @@
-"""Recovery after a pruning step (method notes §5).
+"""Recovery after a pruning step (method notes §5), never worse than no recovery on held-out data.
 
 * ``compensate`` — retraining-free: the mean contribution of every removed input channel
   of a conv (groups = 1) or linear consumer is folded into that consumer's bias, so the
   layer's expected output is unchanged (FLAP's bias compensation). Needs no data beyond
   the calibration statistics already streamed for scoring.
 * ``distill`` — the built-in recipe when a training loader is given: the previous step's
-  model is the teacher; loss = task loss (cross-entropy with labels, else KL to the
-  teacher's soft outputs, MSE for non-logit outputs) + 0.5 · L1 on three intermediate
-  feature maps (a learned 1×1 adapter where widths differ); AdamW, lr 1e-4 (the authors used
-  1e-3; see docs/architecture.md), wd 1e-4, BatchNorm statistics frozen.
-  Activation-agnostic (ReLU, GELU, SiLU alike). Under ``torch.distributed`` the student
-  is wrapped in ``DistributedDataParallel`` and the loader gets a ``DistributedSampler``.
+  model is the teacher; loss = KL to the teacher's soft outputs for logits (plus
+  cross-entropy when the batches carry labels; MSE on every output tensor for non-logit
+  outputs) + 0.5 · L1 on three intermediate feature maps (a learned 1×1 adapter where
+  widths differ); AdamW, lr 1e-4 (the authors used 1e-3; see docs/architecture.md), wd
+  1e-4, BatchNorm statistics frozen. Activation-agnostic (ReLU, GELU, SiLU alike). Under
+  ``torch.distributed`` the student is wrapped in ``DistributedDataParallel`` and the
+  loader gets a ``DistributedSampler``.
 * ``run_fine_tune`` — a user ``fine_tune(model, teacher)`` callback, checked not to have
   changed any parameter's shape.
+
+Both take a ``measure`` (lower is better: the budget's held-out output deviation from the
+unpruned model, or its drop of ``evaluate``; batches never used for training). Distillation
+measures every ``eval_every`` steps, keeps the best state (the starting one included) and
+stops after ``patience`` measurements without improvement: on a few photos, distillation
+at lr 1e-4 took even the unpruned MobileNetV2 to 49 % agreement on unseen photos. The
+callback's model is measured before and after and the better one is kept, unless the
+callback left non-finite weights (a broken callback is reported, not hidden). Each call
+returns a ``RecoveryRecord``: what recovery bought.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -91,11 +103,78 @@ def train_with_frozen_batchnorm(model: nn.Module) -> None:
             m.eval()
 
 
+@dataclass
+class RecoveryRecord:
+    """What one recovery did: the held-out measure (lower is better) before and after, and where it stopped.
+
+    ``before`` / ``after`` are None when no measure was given. ``steps`` counts training
+    steps run (None for a user callback); ``kept_step`` is the step whose weights were
+    kept (0: the starting weights).
+    """
+
+    method: str
+    before: float | None
+    after: float | None
+    steps: int | None
+    kept_step: int | None
+    stop: str
+
+
+class _BestState:
+    """The best weights of ``model`` seen so far on ``measure`` (lower is better), the starting ones included."""
+
+    def __init__(self, model: nn.Module, measure: Callable[[nn.Module], float] | None, patience: int) -> None:
+        self.model, self.measure, self.patience = model, measure, patience
+        self.first = self.best = self._measure()
+        self.best_step, self.misses = 0, 0
+        self.state = self._snapshot()
+
+    def _measure(self) -> float | None:
+        if self.measure is None:
+            return None
+        modes = [(m, m.training) for m in self.model.modules()]  # e.g. frozen BatchNorm inside training
+        self.model.eval()
+        value = float(self.measure(self.model))
+        for m, training in modes:
+            m.training = training
+        return value if math.isfinite(value) else math.inf
+
+    def _snapshot(self) -> dict[str, torch.Tensor] | None:
+        if self.measure is None:
+            return None
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def update(self, step: int) -> bool:
+        """Measure at ``step``; keep the weights if better. True when patience has run out."""
+        value = self._measure()
+        if value is None:
+            return False
+        if value < self.best:
+            self.best, self.best_step, self.misses, self.state = value, step, 0, self._snapshot()
+        else:
+            self.misses += 1
+        return self.misses >= self.patience
+
+    def restore(self) -> None:
+        """Load the best weights seen back into the model."""
+        if self.state is not None:
+            self.model.load_state_dict(self.state)
+
+
 def run_fine_tune(
-    fine_tune: Callable[[nn.Module, nn.Module], Any], model: fx.GraphModule, teacher: nn.Module
-) -> fx.GraphModule:
-    """Call the user's ``fine_tune(model, teacher)``; the model (or the one it returns) must keep its shapes."""
+    fine_tune: Callable[[nn.Module, nn.Module], Any],
+    model: fx.GraphModule,
+    teacher: nn.Module,
+    measure: Callable[[nn.Module], float] | None = None,
+) -> tuple[fx.GraphModule, RecoveryRecord]:
+    """Call the user's ``fine_tune(model, teacher)``; the model (or the one it returns) must keep its shapes.
+
+    With ``measure``, the weights before the call are kept instead when the callback made
+    the held-out measure worse (finite weights only: non-finite ones are left for the
+    caller to report).
+    """
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    start = _BestState(model, measure, patience=1)
     try:
         result = fine_tune(model, teacher)
     except Exception as exc:
@@ -112,7 +191,20 @@ def run_fine_tune(
                 f"the fine_tune callback changed {k!r} from {shapes.get(k)} to {tuple(v.shape)}; "
                 "it must train the pruned model in place, not reshape it"
             )
-    return out
+    finite = all(torch.isfinite(v).all() for v in out.state_dict().values() if v.is_floating_point())
+    if measure is None or not finite:
+        stop = "kept the callback's model" if finite else "the callback left non-finite weights"
+        return out, RecoveryRecord("fine_tune", start.first, None, None, None, stop)
+    start.model = out
+    start.update(1)
+    if start.best_step == 0:
+        start.model = model
+        start.restore()
+        model.eval()
+        return model, RecoveryRecord(
+            "fine_tune", start.first, start.first, None, 0, "reverted: not better held out"
+        )
+    return out, RecoveryRecord("fine_tune", start.first, start.best, None, 1, "kept the callback's model")
 
 
 def _tap(gm: fx.GraphModule, names: list[str]) -> fx.GraphModule:
@@ -198,9 +290,17 @@ def distill(
     lr: float = 1e-4,
     weight_decay: float = 1e-4,
     feature_weight: float = 0.5,
+    measure: Callable[[nn.Module], float] | None = None,
+    eval_every: int | None = None,
+    patience: int = 2,
     progress: Callable[[Iterable[Any]], Iterable[Any]] = lambda it: it,
-) -> fx.GraphModule:
-    """Train ``student`` in place to match ``teacher`` (method notes §5); return it."""
+) -> RecoveryRecord:
+    """Train ``student`` in place to match ``teacher`` (method notes §5); return what it bought.
+
+    With ``measure`` the student is measured every ``eval_every`` steps (default: a fifth of
+    ``steps``, else 10) and after the last one; the best weights, the starting ones included,
+    are kept, and training stops after ``patience`` measurements without improvement.
+    """
     names = feature_nodes(student, teacher)
     nodes_s = {n.name: n for n in student.graph.nodes}
     nodes_t = {n.name: n for n in teacher.graph.nodes}
@@ -212,36 +312,60 @@ def distill(
     if dist.is_available() and dist.is_initialized():
         runner = DistributedDataParallel(train_module)  # adapters' gradients are averaged too
     opt = torch.optim.AdamW(train_module.parameters(), lr=lr, weight_decay=weight_decay)
+    every = eval_every or (max(1, steps // 5) if steps else 10)
+    best = _BestState(student, measure, patience)
     train_with_frozen_batchnorm(tapped_s)
     teacher.eval()
     batches = _loader(train_loader)
     iterator = itertools.islice(batches, steps) if steps is not None else batches
+    done, stop, measured = 0, "steps done" if steps is not None else "loader exhausted", True
     for batch in progress(iterator):
-        args = batch_args(batch)
-        labels = args[n_inputs] if len(args) > n_inputs else None
-        inputs = args[:n_inputs]
-        with torch.no_grad():
-            out_t, feats_t = tapped_t(*inputs)
-        out_s, feats_s = runner(*inputs)
-        if isinstance(out_s, torch.Tensor) and out_s.dim() == 2:
-            task = F.kl_div(F.log_softmax(out_s, -1), F.softmax(out_t, -1), reduction="batchmean")
-            if labels is not None:
-                task = task + F.cross_entropy(out_s, labels)
-        else:
-            leaves_s = [t for t in torch.utils._pytree.tree_leaves(out_s) if isinstance(t, torch.Tensor)]
-            leaves_t = [t for t in torch.utils._pytree.tree_leaves(out_t) if isinstance(t, torch.Tensor)]
-            task = sum(F.mse_loss(a, b) for a, b in zip(leaves_s, leaves_t, strict=True))
-        feat = sum(F.l1_loss(fs, ft) for fs, ft in zip(feats_s, feats_t, strict=True))
-        loss = task + feature_weight * feat if names else task
-        if not torch.isfinite(loss):
-            raise IdapError(
-                f"distillation diverged (loss {loss.item()}); lower lr or check the training data"
-            )
+        loss = _distill_loss(runner, tapped_t, batch_args(batch), n_inputs, feature_weight if names else 0.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        done += 1
+        measured = done % every == 0
+        if measured and best.update(done):
+            stop = f"no held-out improvement in {patience} measurements"
+            break
+    if not measured:
+        best.update(done)
+    best.restore()
     student.eval()
-    return student
+    return RecoveryRecord("distill", best.first, best.best, done, best.best_step if measure else done, stop)
 
 
-__all__ = ["compensate", "distill", "feature_nodes", "run_fine_tune", "train_with_frozen_batchnorm"]
+def _distill_loss(
+    runner: nn.Module, tapped_t: fx.GraphModule, args: tuple[Any, ...], n_inputs: int, feature_weight: float
+) -> torch.Tensor:
+    """KL to the teacher's soft outputs (+ cross-entropy with labels) for logits, else MSE; + L1 on features."""
+    labels = args[n_inputs] if len(args) > n_inputs else None
+    inputs = args[:n_inputs]
+    with torch.no_grad():
+        out_t, feats_t = tapped_t(*inputs)
+    out_s, feats_s = runner(*inputs)
+    if isinstance(out_s, torch.Tensor) and out_s.dim() == 2:
+        task = F.kl_div(F.log_softmax(out_s, -1), F.softmax(out_t, -1), reduction="batchmean")
+        if labels is not None:
+            task = task + F.cross_entropy(out_s, labels)
+    else:
+        leaves_s = [t for t in torch.utils._pytree.tree_leaves(out_s) if isinstance(t, torch.Tensor)]
+        leaves_t = [t for t in torch.utils._pytree.tree_leaves(out_t) if isinstance(t, torch.Tensor)]
+        task = sum(F.mse_loss(a, b) for a, b in zip(leaves_s, leaves_t, strict=True))
+    loss = task
+    if feature_weight:
+        loss = task + feature_weight * sum(F.l1_loss(a, b) for a, b in zip(feats_s, feats_t, strict=True))
+    if not torch.isfinite(loss):
+        raise IdapError(f"distillation diverged (loss {loss.item()}); lower lr or check the training data")
+    return loss
+
+
+__all__ = [
+    "RecoveryRecord",
+    "compensate",
+    "distill",
+    "feature_nodes",
+    "run_fine_tune",
+    "train_with_frozen_batchnorm",
+]

@@ -33,6 +33,20 @@ class OptimizeReport:
     frozen_ops: dict[str, str]
     notes: list[str] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)  # the Goal, Recovery and pass options of the run
+    recovery: list[dict[str, Any]] = field(default_factory=list)
+
+    def recovery_total(self) -> dict[str, Any] | None:
+        """All recoveries together: their summed held-out gain (before − after, lower measure is better) and steps."""
+        if not self.recovery:
+            return None
+        measured = [r for r in self.recovery if r["before"] is not None and r["after"] is not None]
+        return {
+            "recoveries": len(self.recovery),
+            "gain": sum(r["before"] - r["after"] for r in measured) if measured else None,
+            "steps": sum(r["steps"] or 0 for r in self.recovery),
+            "reverted": sum(r["kept_step"] == 0 for r in self.recovery),
+            "stopped_early": sum(r["stop"].startswith("no held-out") for r in self.recovery),
+        }
 
     @property
     def macs_ratio(self) -> float:
@@ -46,7 +60,11 @@ class OptimizeReport:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (ratios included)."""
-        return asdict(self) | {"macs_ratio": self.macs_ratio, "params_ratio": self.params_ratio}
+        return asdict(self) | {
+            "macs_ratio": self.macs_ratio,
+            "params_ratio": self.params_ratio,
+            "recovery_total": self.recovery_total(),
+        }
 
     def to_json(self) -> str:
         """The report as indented JSON."""
@@ -87,6 +105,7 @@ class OptimizeReport:
                 f"| {r['name']} | {r.get('kind', '')} | {r['score']:.4g} | {r['delta']:.4g} | {r['name'] in names} |"
                 for r in self.layer_trials
             ]
+        lines += self._recovery_markdown()
         if self.frozen_ops:
             lines += [
                 "",
@@ -95,3 +114,30 @@ class OptimizeReport:
             lines += [f"- `{k}`: {v}" for k, v in list(self.frozen_ops.items())[:20]]
         lines += [f"- note: {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
+
+    def _recovery_markdown(self) -> list[str]:
+        total = self.recovery_total()
+        if total is None:
+            return []
+        fmt = lambda v: "–" if v is None else f"{v:.4g}"  # noqa: E731
+        measure = (
+            "drop of evaluate" if self.budget_kind == "evaluate" else "output deviation from the original"
+        )
+        lines = [
+            "",
+            f"Recovery, measured on held-out batches ({measure}, lower is better; the best state is kept):",
+            "",
+            "| pass | at | method | before | after | steps | kept step | stop |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['pass']} | {r['at']} | {r['method']} | {fmt(r['before'])} | {fmt(r['after'])} "
+            f"| {r['steps'] if r['steps'] is not None else '–'} | {fmt(r['kept_step'])} | {r['stop']} |"
+            for r in self.recovery
+        ]
+        lines.append(
+            f"- recovery in total: {total['recoveries']} runs, {total['steps']} training steps, held-out gain "
+            f"{fmt(total['gain'])}, {total['reverted']} reverted to the unrecovered weights, "
+            f"{total['stopped_early']} stopped early"
+        )
+        return lines

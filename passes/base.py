@@ -50,13 +50,16 @@ class PassContext:
 
 @dataclass
 class PassRecord:
-    """What one pass did, for the report: stage-1 steps and ρ_t, stage-2 removals and trials."""
+    """What one pass did, for the report: stage-1 steps and ρ_t, stage-2 removals and trials, recoveries."""
 
     name: str  # the pass class's name, as the report's stop_reason shows it
     steps: list[dict[str, Any]] = field(default_factory=list)
     schedule: list[float] = field(default_factory=list)
     removed: list[dict[str, Any]] = field(default_factory=list)
     trials: list[dict[str, Any]] = field(default_factory=list)
+    recovery: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # one RecoveryRecord (as a dict) per recovery
     stop_reason: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     frozen_ops: dict[str, str] = field(default_factory=dict)

@@ -194,12 +194,25 @@ class PruneChannels(IdapPass):
         with self.timed("recover"):
             if rec.compensation:
                 notes.append(f"compensated {compensate(before, after, dg, plan, ctx.sites)} layers")
+            measure = self.ctx.budget.recovery_measure
+            record = None
             if rec.fine_tune is not None:
-                after = run_fine_tune(rec.fine_tune, after, before)
+                after, record = run_fine_tune(rec.fine_tune, after, before, measure)
                 notes.append("fine_tune callback")
             elif rec.train_loader is not None:
-                distill(after, before, rec.train_loader, steps=rec.distill_steps, progress=self.ctx.progress)
+                record = distill(
+                    after,
+                    before,
+                    rec.train_loader,
+                    steps=rec.distill_steps,
+                    measure=measure,
+                    progress=self.ctx.progress,
+                )
                 notes.append("distilled")
+            if record is not None:
+                self.record.recovery.append(
+                    {"pass": "prune_channels", "at": len(self.record.steps)} | asdict(record)
+                )
         return after, ", ".join(notes)
 
     def _scores(self, current: fx.GraphModule, dg: DependencyGraph, t: int) -> tuple[Scores, ScoringContext]:

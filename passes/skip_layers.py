@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from dataclasses import asdict
 from typing import Any
 
 from idap_fx.passes.base import IdapPass, PassContext
@@ -41,15 +42,27 @@ class SkipLayers(IdapPass):
         self.opts: SkipOptions = self.options  # type: ignore[assignment]
         self.essential: set[tuple[str, str, str]] = set()
 
-    def _recover(self, model: fx.GraphModule, teacher: fx.GraphModule) -> tuple[fx.GraphModule, str]:
+    def _recover(
+        self, model: fx.GraphModule, teacher: fx.GraphModule, what: str
+    ) -> tuple[fx.GraphModule, str]:
         rec = self.ctx.recovery
-        note = ""
+        note, record, measure = "", None, self.ctx.budget.recovery_measure
         with self.timed("skip_recover"):
             if rec.fine_tune is not None:
-                model, note = run_fine_tune(rec.fine_tune, model, teacher), "fine_tune callback"
+                model, record = run_fine_tune(rec.fine_tune, model, teacher, measure)
+                note = "fine_tune callback"
             elif rec.train_loader is not None:
-                distill(model, teacher, rec.train_loader, steps=rec.distill_steps, progress=self.ctx.progress)
+                record = distill(
+                    model,
+                    teacher,
+                    rec.train_loader,
+                    steps=rec.distill_steps,
+                    measure=measure,
+                    progress=self.ctx.progress,
+                )
                 note = "distilled"
+        if record is not None:
+            self.record.recovery.append({"pass": "skip_layers", "at": what} | asdict(record))
         return model, note
 
     def _scored(self, gm: fx.GraphModule) -> tuple[list[Candidate], dict[Any, float], dict[Any, Any]]:
@@ -64,7 +77,7 @@ class SkipLayers(IdapPass):
         """Remove ``cand``, recover, check: the trial model (None if rejected) and its record."""
         with self.timed("skip_rewrite"):
             trial = remove(current, cand, self.ctx.example_inputs, fit)
-        trial, note = self._recover(trial, current)
+        trial, note = self._recover(trial, current, cand.name)
         with self.timed("skip_budget"):
             verdict = self.ctx.budget.check(trial)
         delta = quality - verdict.quality
@@ -122,7 +135,7 @@ class SkipLayers(IdapPass):
 
     def _final_recovery(self, model: fx.GraphModule, teacher: fx.GraphModule) -> fx.GraphModule:
         """Recover once more from the pass's input model; kept only if it stays within budget."""
-        tuned, _ = self._recover(copy.deepcopy(model), teacher)
+        tuned, _ = self._recover(copy.deepcopy(model), teacher, "final")
         with self.timed("skip_budget"):
             ok = self.ctx.budget.check(tuned).ok
         return tuned if ok else model

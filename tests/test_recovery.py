@@ -1,0 +1,160 @@
+"""Recovery that cannot make things worse: best held-out state, early stop, the callback's before / after,
+what the report says recovery bought, and pruned models that still train."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import idap_fx
+from idap_fx.budget import Budget
+from idap_fx.recovery import distill, run_fine_tune
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 24, 3, padding=1),
+        nn.BatchNorm2d(24),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(24, 10),
+    ).eval()
+
+
+def _batches(n: int, seed: int, batch: int = 8) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, 3, 12, 12, generator=g) for _ in range(n)]
+
+
+def _state(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _noisy_labels(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(7)
+    return [(x, torch.randint(0, 10, (x.shape[0],), generator=g)) for x in _batches(n, seed=3)]
+
+
+def test_distillation_that_hurts_held_out_keeps_the_starting_weights() -> None:
+    # the issue's failure: distilling the unpruned model on a few batches (here: random labels, high lr)
+    # moves it away from the original on unseen data; recovery must hand back the starting weights
+    teacher = idap_fx.trace(_net(), (torch.randn(1, 3, 12, 12),))
+    student = idap_fx.trace(teacher, (torch.randn(1, 3, 12, 12),))
+    budget = Budget(teacher, None, _batches(2, seed=1))
+    start = _state(student)
+    rec = distill(
+        student, teacher, _noisy_labels(12), steps=12, lr=1e-2, measure=budget.held_out, eval_every=2
+    )
+    assert rec.before == 0.0 and rec.after == 0.0 and rec.kept_step == 0
+    assert _same(_state(student), start)
+    assert rec.steps == 4 and rec.stop.startswith("no held-out improvement")  # patience 2 at steps 2 and 4
+    assert budget.held_out(student) == 0.0
+
+    unguarded = idap_fx.trace(teacher, (torch.randn(1, 3, 12, 12),))
+    distill(unguarded, teacher, _noisy_labels(12), steps=12, lr=1e-2)
+    assert budget.held_out(unguarded) > 0.01  # without the measure it does get worse: the test can fail
+
+
+def test_distillation_keeps_its_best_state_and_batchnorm_statistics() -> None:
+    x = torch.randn(1, 3, 12, 12)
+    teacher = idap_fx.trace(_net(), (x,))
+    student = idap_fx.trace(teacher, (x,))
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    budget = Budget(teacher, None, _batches(2, seed=1))
+    bn = {k: v.clone() for k, v in student.state_dict().items() if "running" in k}
+    rec = distill(
+        student, teacher, _batches(20, seed=5), steps=20, lr=1e-3, measure=budget.held_out, patience=5
+    )
+    assert rec.before is not None and rec.after is not None
+    assert rec.after < rec.before and 0 < rec.kept_step <= 20
+    assert abs(budget.held_out(student) - rec.after) < 1e-9  # the returned weights are the ones measured best
+    assert all(
+        torch.equal(v, student.state_dict()[k]) for k, v in bn.items()
+    )  # measuring did not unfreeze BN
+    assert not student.training
+
+
+def test_fine_tune_callback_is_measured_and_the_better_model_kept() -> None:
+    x = torch.randn(1, 3, 12, 12)
+    teacher = idap_fx.trace(_net(), (x,))
+    budget = Budget(teacher, None, _batches(2, seed=1))
+
+    def harm(m: nn.Module, _: nn.Module) -> None:
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.5 * torch.randn_like(p))
+
+    model = idap_fx.trace(teacher, (x,))
+    start = _state(model)
+    out, rec = run_fine_tune(harm, model, teacher, budget.held_out)
+    assert rec.stop.startswith("reverted") and rec.kept_step == 0 and rec.before == rec.after == 0.0
+    assert out is model and _same(_state(out), start)
+
+    noisy = idap_fx.trace(teacher, (x,))
+    harm(noisy, teacher)
+
+    def heal(m: nn.Module, t: nn.Module) -> nn.Module:
+        return copy.deepcopy(t)  # a different module with the same parameters: the callback may return one
+
+    out, rec = run_fine_tune(heal, noisy, teacher, budget.held_out)
+    assert rec.kept_step == 1 and rec.after == 0.0 < rec.before and out is not noisy
+
+
+def test_report_says_what_recovery_bought() -> None:
+    x = torch.randn(1, 3, 12, 12)
+    res = idap_fx.optimize(
+        _net(),
+        x,
+        calibration=_batches(4, 0),
+        target_macs=0.5,
+        budget=None,
+        train_loader=_batches(6, 9),
+        distill_steps=4,
+        quiet=True,
+    )
+    rec = res.report.recovery
+    assert rec and len(rec) == len(res.report.steps)
+    assert all(r["pass"] == "prune_channels" and r["method"] == "distill" for r in rec)
+    assert all(r["after"] <= r["before"] and r["steps"] <= 4 for r in rec)
+    total = res.report.to_dict()["recovery_total"]
+    assert total["recoveries"] == len(rec) and total["gain"] >= 0
+    assert "| prune_channels | 0 | distill |" in res.report.to_markdown()
+    assert "recovery in total" in res.report.to_markdown()
+
+
+def test_pruned_model_still_trains() -> None:
+    x = torch.randn(1, 3, 12, 12)
+    res = idap_fx.optimize(_net(), x, calibration=_batches(4, 0), target_macs=0.4, budget=None, quiet=True)
+    model = res.model
+    assert res.report.macs_ratio < 0.5
+    g = torch.Generator().manual_seed(11)
+    data, labels = torch.randn(32, 3, 12, 12, generator=g), torch.randint(0, 10, (32,), generator=g)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    losses = []
+    for step in range(60):
+        loss = F.cross_entropy(model(data), labels)
+        opt.zero_grad()
+        loss.backward()
+        if step == 0:
+            for name, p in model.named_parameters():
+                assert p.grad is not None and torch.isfinite(p.grad).all(), name
+                assert p.grad.abs().sum() > 0, f"no gradient reaches {name}"
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert any(isinstance(m, nn.BatchNorm2d) and m.num_batches_tracked > 0 for m in model.modules())
