@@ -24,7 +24,7 @@ from idap_fx.analysis import analyze
 from idap_fx.budget import Budget
 from idap_fx.errors import BudgetError, IdapError
 from idap_fx.metrics import count_macs, count_params
-from idap_fx.report import OptimizeReport
+from idap_fx.report import LayerChange, OptimizeReport, layer_changes
 from idap_fx.schedule import Schedule, get_schedule
 from idap_fx.scoring import Importance, get_importance
 from idap_fx.stats import batch_args
@@ -41,6 +41,13 @@ class OptimizeResult:
     original: fx.GraphModule
     report: OptimizeReport
     example_inputs: tuple[Any, ...]
+
+    @property
+    def plan(self) -> list[LayerChange]:
+        """Per weight layer: output width before → after and share of the original MACs."""
+        return [
+            LayerChange(**{k: v for k, v in r.items() if k != "removed_share"}) for r in self.report.layers
+        ]
 
     def export_onnx(self, path: str | os.PathLike[str], **kwargs: Any) -> Any:
         """Export the optimized model (see ``idap_fx.export_onnx``)."""
@@ -149,6 +156,7 @@ def optimize(
     quiet: bool | None = None,
     strict: bool = True,
     seed: int = 0,
+    ignored_layers: Sequence[str | type[nn.Module]] = (),
 ) -> OptimizeResult:
     """Prune ``traced_graph`` (a GraphModule or nn.Module) toward the targets within ``budget``.
 
@@ -156,6 +164,8 @@ def optimize(
     ``target_latency`` is in milliseconds of ONNX Runtime CPU latency. Without any target,
     pruning continues while the budget holds. With ``strict`` (default) an unreached target
     raises ``BudgetError`` whose ``.result`` holds the most compressed model within budget.
+    ``ignored_layers`` (module paths, their prefixes, or module types / type names) keep
+    every channel they touch: the groups holding their parameters are not pruned.
     """
     phases: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -178,6 +188,7 @@ def optimize(
         )
     if ranking not in ("group", "global"):
         raise IdapError(f"ranking must be 'group' or 'global', got {ranking!r}")
+    ignored = resolve_ignored(gm, ignored_layers)
     batches = _batches(calibration, inputs, gm)
     score_batches, holdout, note = _split_holdout(batches)
     notes = [note] if note else []
@@ -190,7 +201,17 @@ def optimize(
     show = not quiet if quiet is not None else sys.stderr.isatty()
 
     def progress(it: Iterable[Any], **kw: Any) -> Iterable[Any]:
-        return tqdm(it, disable=not show, leave=False, **kw)
+        return tqdm(it, disable=not show, leave=True, **kw)
+
+    def on_step(rec: Any, total: int) -> None:  # one line per step in logs (stderr not a terminal)
+        if quiet is not True and not sys.stderr.isatty():
+            verdict = "accepted" if rec.accepted else "rolled back"
+            print(
+                f"idap_fx: prune step {rec.step + 1}/{total}: -{rec.units_removed} units, MACs "
+                f"{rec.macs / macs0:.3f} of original, budget used {rec.budget_consumed:.3g}, {verdict}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     stop_check = None
     if target_latency is not None:
@@ -225,6 +246,8 @@ def optimize(
                 seed=seed,
                 progress=progress,
                 stop_check=stop_check,
+                ignored=ignored,
+                on_step=on_step,
             )
             pass_objs.append(PruneChannels(cfg))
         else:
@@ -266,6 +289,11 @@ def optimize(
         original, model, inputs, pass_objs, checker, crit, phases, notes, target_macs, target_params
     )
     report.frozen_ops = dict(analyze(original).boundaries)
+    report.layers = [r.to_dict() for r in layer_changes(original, model, inputs)]
+    for p in pass_objs:
+        report.notes += [
+            f"ignored_layers: group {g} not pruned ({why})" for g, why in getattr(p, "ignored", {}).items()
+        ]
     out = OptimizeResult(model, original, report, inputs)
     if strict and report.target_reached is False:
         err = BudgetError(
@@ -274,6 +302,28 @@ def optimize(
         )
         err.result = out
         raise err
+    return out
+
+
+def resolve_ignored(gm: fx.GraphModule, ignored_layers: Sequence[str | type[nn.Module]]) -> dict[str, str]:
+    """Module paths to keep whole, each with the ``ignored_layers`` entry that named it."""
+    modules = dict(gm.named_modules())
+    out: dict[str, str] = {}
+    for entry in ignored_layers:
+        if isinstance(entry, type):
+            hits = [n for n, m in modules.items() if n and isinstance(m, entry)]
+        elif isinstance(entry, str):
+            hits = [n for n in modules if n and (n == entry or n.startswith(entry + "."))]
+            hits = hits or [n for n, m in modules.items() if n and type(m).__name__ == entry]
+        else:
+            raise IdapError(f"ignored_layers takes module names or types, got {entry!r}")
+        if not hits:
+            import difflib
+
+            close = difflib.get_close_matches(str(entry), [n for n in modules if n], n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise IdapError(f"ignored_layers: no module named or of type {entry!r} in the model{hint}")
+        out |= {n: str(getattr(entry, "__name__", entry)) for n in hits}
     return out
 
 

@@ -146,6 +146,8 @@ class PruneConfig:
     seed: int = 0
     progress: Callable[..., Any] = field(default=lambda it, **kw: it)
     stop_check: Callable[[fx.GraphModule], str | None] | None = None  # e.g. a latency target
+    ignored: dict[str, str] = field(default_factory=dict)  # module path -> ignored_layers entry
+    on_step: Callable[[StepRecord, int], None] | None = None  # called with each step record and the total
 
 
 class PruneChannels(PassBase):
@@ -159,6 +161,7 @@ class PruneChannels(PassBase):
         self.stop_reason = ""
         self.timings: dict[str, float] = {}
         self.last_scores: Scores = {}
+        self.ignored: dict[str, str] = {}  # group id -> why ignored_layers keeps it
 
     def _time(self, phase: str, start: float) -> None:
         self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - start
@@ -179,7 +182,18 @@ class PruneChannels(PassBase):
         return (cfg.target_macs is not None or cfg.target_params is not None) and hit_macs and hit_params
 
     def _groups(self, dg: DependencyGraph) -> list[ChannelGroup]:
-        return [g for g in dg.prunable if g.exact or self.cfg.prune_inexact]
+        out = []
+        for g in dg.prunable:
+            hit = [
+                m.param.rpartition(".")[0]
+                for m in g.members
+                if m.param.rpartition(".")[0] in self.cfg.ignored
+            ]
+            if hit:
+                self.ignored.setdefault(g.id, f"holds {hit[0]} ({self.cfg.ignored[hit[0]]})")
+            elif g.exact or self.cfg.prune_inexact:
+                out.append(g)
+        return out
 
     def _candidate(
         self, gm: fx.GraphModule, dg: DependencyGraph, plan: Plan
@@ -276,6 +290,8 @@ class PruneChannels(PassBase):
                         note if verdict.ok else f"rolled back: budget {verdict.consumed:.4g} > {cfg.budget.limit}",
                     )
                 )  # fmt: skip
+                if cfg.on_step is not None:
+                    cfg.on_step(self.steps[-1], cfg.schedule.steps)
                 if verdict.ok:
                     current, modified, accepted = cand, True, True
                     break
@@ -295,4 +311,6 @@ class PruneChannels(PassBase):
                 break
         else:
             self.stop_reason = f"schedule finished ({cfg.schedule.steps} steps)"
+        if hasattr(bar, "set_postfix_str"):  # a terminal bar says why it stopped before its total
+            bar.set_postfix_str(self.stop_reason)
         return PassResult(current, modified)
