@@ -62,7 +62,7 @@ class OptimizeReport:
     def to_markdown(self) -> str:
         """A short human-readable summary."""
         lines = ["# idap_fx optimize report", ""]
-        lines += [f"> **WARNING: {w}**" for w in self.warnings] + ([""] if self.warnings else [])
+        lines += [f"- **WARNING: {w}**" for w in self.warnings] + ([""] if self.warnings else [])
         lines += [
             "| | before | after | ratio |",
             "|---|---|---|---|",
