@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,7 +35,6 @@ EXIT_USAGE, EXIT_BUDGET, EXIT_EXPORT, EXIT_ANALYSIS, EXIT_BEST_EFFORT, EXIT_OTHE
 DEFAULT_SHAPE = (1, 3, 224, 224)
 # API names in error messages, and what to type on the command line instead.
 CLI_HINTS = {
-    "trace(..., leaf_modules=[ItsClass])": "--leaf-module ItsClass",
     "ignored_layers": "--ignore",
     "target_macs": "--target-macs",
     "target_params": "--target-params",
@@ -281,6 +281,9 @@ def _viz(args: argparse.Namespace) -> int:
 
 def _cli_message(exc: BaseException) -> str:
     text = str(exc)
+    culprit = re.search(r"inside module '[^']*' \((\w+)\)", text)
+    leaf = f"--leaf-module {culprit.group(1) if culprit else 'ItsClass'}"
+    text = re.sub(r"trace\(\.\.\., leaf_modules=\[\w+\]\)", leaf, text)
     for api, cli in CLI_HINTS.items():
         text = text.replace(api, cli)
     return text
