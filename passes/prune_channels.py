@@ -276,6 +276,7 @@ class PruneChannels(PassBase):
             for attempt in range(cfg.backtracks + 1):
                 plan, cand, macs, params = self._trim(current, dg, scores, groups, k)
                 if not plan:
+                    self.stop_reason = f"a step of {k} units removes none once widths are rounded (round_to)"
                     break
                 cand, note = self._recover(current, cand, dg, plan, ctx)
                 params = count_params(cand)
@@ -300,7 +301,7 @@ class PruneChannels(PassBase):
                 else:
                     break
             if not accepted:
-                self.stop_reason = "the next step would break the budget"
+                self.stop_reason = self.stop_reason or "the next step would break the budget"
                 break
             last = self.steps[-1]
             if self._reached(last.macs, last.params):

@@ -37,8 +37,8 @@ def test_weights_checkpoint_are_what_gets_pruned(user: Path) -> None:
     inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(user / "model.onnx")).graph.initializer}
     w0 = next(v for k, v in inits.items() if v.ndim == 4 and v.shape[1] == 3)
     scale = saved["stem.1.weight"] / torch.sqrt(saved["stem.1.running_var"] + 1e-5)  # export folds the BN
-    rows = (saved["stem.0.weight"] * scale[:, None, None, None]).numpy().reshape(16, -1)
-    assert w0.shape[0] < 16  # pruned
+    rows = (saved["stem.0.weight"] * scale[:, None, None, None]).numpy().reshape(128, -1)
+    assert w0.shape[0] < 128  # pruned
     for row in w0.reshape(w0.shape[0], -1):
         assert np.abs(rows - row).max(axis=1).min() < 1e-5
 
@@ -74,7 +74,7 @@ def test_same_command_twice_gives_identical_onnx_and_logs_each_step(user: Path) 
 
 
 def test_dry_run_writes_no_model_and_its_plan_is_the_real_run(user: Path) -> None:
-    args = (*TINY, "--calibration", "my_pkg.data:batches", "--target-macs", "0.5", "--ignore", "body.0")
+    args = (*TINY, "--calibration", "my_pkg.data:batches", "--target-macs", "0.6", "--ignore", "head")
     dry = run_cli("plan", *args, cwd=user)
     assert dry.returncode == 0, dry.stderr
     assert not list(user.glob("*.onnx")) and "width before → after" in dry.stdout
@@ -85,7 +85,7 @@ def test_dry_run_writes_no_model_and_its_plan_is_the_real_run(user: Path) -> Non
     assert planned == done
     assert any(r["width_after"] < r["width_before"] for r in done)
     body = next(r for r in done if r["module"] == "body.0")
-    assert body["width_after"] == body["width_before"] == 32  # --ignore body.0 keeps its width
+    assert body["width_after"] == body["width_before"] == 256  # --ignore head keeps the group feeding it
     html = user / "plan.html"
     r = run_cli("viz", "--plan", "report.json", "--out", str(html), cwd=user)
     assert r.returncode == 0, r.stderr
@@ -183,8 +183,8 @@ def test_ignored_layers_api_keeps_widths_and_suggests_names() -> None:
         model, x, target_macs=0.6, budget=None, quiet=True, ignored_layers=[torch.nn.Linear]
     )
     widths = {r.module: (r.width_before, r.width_after) for r in res.plan}
-    assert widths["head"] == (10, 10) and widths["body.0"] == (32, 32)  # the Linear's input group is whole
-    assert widths["stem.0"][1] < 16 and 0 < res.plan[0].removed_share < 1
+    assert widths["head"] == (10, 10) and widths["body.0"] == (256, 256)  # the Linear's input group is whole
+    assert widths["stem.0"][1] < 128 and 0 < res.plan[0].removed_share < 1
     assert any("ignored_layers" in n for n in res.report.notes)
     with pytest.raises(IdapError, match="did you mean"):
         idap_fx.optimize(model, x, target_macs=0.6, ignored_layers=["haed"])
