@@ -276,7 +276,10 @@ class PruneChannels(PassBase):
             for attempt in range(cfg.backtracks + 1):
                 plan, cand, macs, params = self._trim(current, dg, scores, groups, k)
                 if not plan:
-                    self.stop_reason = f"a step of {k} units removes none once widths are rounded (round_to)"
+                    if attempt == 0:
+                        self.stop_reason = (
+                            f"a step of {k} units removes none once widths are rounded (round_to)"
+                        )
                     break
                 cand, note = self._recover(current, cand, dg, plan, ctx)
                 params = count_params(cand)

@@ -74,7 +74,7 @@ def test_same_command_twice_gives_identical_onnx_and_logs_each_step(user: Path) 
 
 
 def test_dry_run_writes_no_model_and_its_plan_is_the_real_run(user: Path) -> None:
-    args = (*TINY, "--calibration", "my_pkg.data:batches", "--target-macs", "0.6", "--ignore", "head")
+    args = (*TINY, "--calibration", "my_pkg.data:batches", "--target-macs", "0.6", "--ignore", "stem")
     dry = run_cli("plan", *args, cwd=user)
     assert dry.returncode == 0, dry.stderr
     assert not list(user.glob("*.onnx")) and "width before → after" in dry.stdout
@@ -84,12 +84,12 @@ def test_dry_run_writes_no_model_and_its_plan_is_the_real_run(user: Path) -> Non
     done = json.loads((user / "report.json").read_text())["layers"]
     assert planned == done
     assert any(r["width_after"] < r["width_before"] for r in done)
-    body = next(r for r in done if r["module"] == "body.0")
-    assert body["width_after"] == body["width_before"] == 256  # --ignore head keeps the group feeding it
+    stem = next(r for r in done if r["module"] == "stem.0")
+    assert stem["width_after"] == stem["width_before"] == 128  # --ignore stem keeps its width
     html = user / "plan.html"
     r = run_cli("viz", "--plan", "report.json", "--out", str(html), cwd=user)
     assert r.returncode == 0, r.stderr
-    assert "width before → after" in html.read_text() and "<td>body.0</td>" in html.read_text()
+    assert "width before → after" in html.read_text() and "<td>stem.0</td>" in html.read_text()
 
 
 def test_best_effort_writes_the_best_model_with_its_own_exit_code(user: Path) -> None:
