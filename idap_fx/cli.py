@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -28,6 +27,8 @@ from idap_fx.cli_inputs import (
     synthetic_input,
 )
 from idap_fx.errors import AnalysisError, BudgetError, ExportError, IdapError, TraceError
+from idap_fx.files import check_writable
+from idap_fx.options import CLI_ROUND_TO, Goal, PruneOptions
 
 __all__ = ["UsageError", "load_calibration", "load_model", "main"]
 
@@ -99,7 +100,7 @@ def _choices(allowed: Sequence[str]) -> Callable[[str], list[str]]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from idap_fx.optimize import PASSES
+    from idap_fx.passes import PASSES
     from idap_fx.scoring import CRITERIA
 
     p = argparse.ArgumentParser(
@@ -117,15 +118,17 @@ def _parser() -> argparse.ArgumentParser:
     job.add_argument("--target-macs", type=_fraction, help="fraction of the original MACs to keep, e.g. 0.5")
     job.add_argument("--target-params", type=_fraction, help="fraction of the original parameters to keep")
     job.add_argument(
-        "--budget", type=_budget, default=0.05, help="label-free output-deviation budget, or 'none'"
+        "--budget", type=_budget, default=Goal().budget, help="label-free output-deviation budget, or 'none'"
     )
     job.add_argument("--passes", type=_choices(PASSES), default=["prune_channels"], help=", ".join(PASSES))
-    job.add_argument("--importance", choices=sorted(CRITERIA), default="divergence")
+    job.add_argument("--importance", choices=sorted(CRITERIA), default=PruneOptions().importance)
     job.add_argument("--calibration", help="folder of images, a .pt/.npy tensor file, or module:function")
     job.add_argument(
         "--ignore", action="append", default=[], help="module path or class kept whole (repeatable)"
     )
-    job.add_argument("--round-to", type=_positive_int, default=8, help="keep widths multiples of this")
+    job.add_argument(
+        "--round-to", type=_positive_int, default=CLI_ROUND_TO, help="keep widths multiples of this"
+    )
     job.add_argument(
         "--best-effort", action="store_true", help="target out of reach: write the best within budget"
     )
@@ -178,9 +181,10 @@ def _optimize(args: argparse.Namespace) -> int:
     plan_only = args.command == "plan"
     out = None if plan_only else args.out
     for path in [args.report] + ([] if plan_only else [args.out]):
-        directory = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
-            raise UsageError(f"cannot write {path}: {directory} is missing or not writable")
+        try:
+            check_writable(path)
+        except ExportError as exc:  # a bad path is bad input (exit 2), not an export failure
+            raise UsageError(str(exc)) from None
     model, x, warnings = _model(args)
     if args.calibration:
         cal = load_calibration(args.calibration, args.input_shape)
@@ -205,9 +209,12 @@ def _optimize(args: argparse.Namespace) -> int:
         out=out,
         report=args.report,
         calibration=cal,
-        target_macs=args.target_macs,
-        target_params=args.target_params,
-        budget=args.budget,
+        goal=Goal(
+            target_macs=args.target_macs,
+            target_params=args.target_params,
+            budget=args.budget,
+            strict=not args.best_effort,
+        ),
         passes=args.passes,
         importance=args.importance,
         round_to=args.round_to,
@@ -215,7 +222,6 @@ def _optimize(args: argparse.Namespace) -> int:
         opset=getattr(args, "opset", None),
         latency=not (plan_only or args.no_latency),
         plan_only=plan_only,
-        best_effort=args.best_effort,
         warnings=warnings,
         quiet=args.quiet or None,
     )

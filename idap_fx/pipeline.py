@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from idap_fx.distributed import main_output
-from idap_fx.errors import ExportError
-from idap_fx.export import export_onnx
+from idap_fx.files import check_writable
 from idap_fx.latency import check_latency
+from idap_fx.onnx_export import export_onnx
 from idap_fx.optimize import OptimizeResult, optimize
 
 
@@ -56,18 +56,6 @@ def top1_agreement(
     return agree / total if total else None
 
 
-def _check_writable(path: str | os.PathLike[str] | None) -> None:
-    if path is None:
-        return
-    if os.path.isdir(path):
-        raise ExportError(f"cannot write {path}: it is a directory")
-    directory = os.path.dirname(os.path.abspath(os.fspath(path)))
-    if not os.path.isdir(directory):
-        raise ExportError(f"cannot write {path}: directory {directory} does not exist")
-    if not os.access(directory, os.W_OK):
-        raise ExportError(f"cannot write {path}: directory {directory} is not writable")
-
-
 def run_job(
     model: nn.Module,
     example_inputs: torch.Tensor,
@@ -92,10 +80,12 @@ def run_job(
     ``BudgetError``); ``summary.target_reached`` says so. ``warnings`` (random weights,
     synthetic calibration, ...) head the reports.
     """
-    _check_writable(out)
-    _check_writable(report)
+    for path in (out, report):
+        if path is not None:
+            check_writable(path)
     quiet = optimize_kwargs.get("quiet")
-    optimize_kwargs["strict"] = optimize_kwargs.get("strict", True) and not best_effort
+    if best_effort:
+        optimize_kwargs["strict"] = False
     res = optimize(model, example_inputs, **optimize_kwargs)
     res.report.warnings = list(warnings)
     x = res.example_inputs

@@ -40,6 +40,7 @@ class OptimizeReport:
     notes: list[str] = field(default_factory=list)
     layers: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)  # the Goal, Recovery and pass options of the run
 
     @property
     def macs_ratio(self) -> float:

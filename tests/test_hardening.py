@@ -21,10 +21,10 @@ from helpers import random_plan, rel_err, state_hash
 from torch import nn
 
 import idap_fx
-import idap_fx.export
+import idap_fx.onnx_export
 from idap_fx import serialize
 from idap_fx.errors import BudgetError, ExportError, IdapError, ParityError, TraceError
-from idap_fx.export import export_onnx
+from idap_fx.onnx_export import export_onnx
 from idap_fx.pipeline import run_job
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -574,7 +574,7 @@ def test_keyboard_interrupt_propagates_and_leaves_no_file(tmp_path, where):
 
 
 def test_keyboard_interrupt_during_export_leaves_no_file(optimized, tmp_path, monkeypatch):
-    monkeypatch.setattr(idap_fx.export, "_parity", _raise(KeyboardInterrupt()))
+    monkeypatch.setattr(idap_fx.onnx_export, "_parity", _raise(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         export_onnx(optimized.model, X, tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []

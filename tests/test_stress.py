@@ -28,7 +28,7 @@ from test_random_arch import Net, _Opaque, _randomize_batchnorm, block_spec
 from torch import fx
 
 import idap_fx
-from idap_fx.export import export_onnx
+from idap_fx.onnx_export import export_onnx
 from idap_fx.schedule import IdapSchedule
 
 tiny_arch = st.fixed_dictionaries(

@@ -23,8 +23,9 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 import idap_fx
 from idap_fx.errors import ExportError, ParityError
-from idap_fx.export import atomic_output, export_onnx
+from idap_fx.files import atomic_output
 from idap_fx.modules import PrunedMultiheadAttention
+from idap_fx.onnx_export import export_onnx
 
 
 def small_vit() -> nn.Module:
@@ -307,7 +308,7 @@ def test_bad_arguments(tmp_path) -> None:
 
 def test_torch_export_graph_uses_dynamo_exporter(tmp_path) -> None:
     """A pruned GraphModule from torch.export holds ATen ops, which only the dynamo exporter handles."""
-    from idap_fx.exported import from_exported
+    from idap_fx.torch_export import from_exported
 
     model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 3), nn.Flatten(1)).eval()
     x = torch.randn(1, 3, 10, 10)
