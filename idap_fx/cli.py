@@ -1,180 +1,248 @@
-"""The ``idap-fx`` command: ``optimize``, ``inspect`` and ``viz``.
+"""The ``idap-fx`` command: ``optimize``, ``plan`` (dry run), ``inspect`` and ``viz``.
 
-Exit codes (for CI scripts): 0 success; 2 bad usage or input (unknown model, bad path,
-bad calibration file); 3 the target cannot be reached within the budget; 4 export or
-ONNX parity failure; 5 analysis/trace failure; 1 anything unexpected.
+Exit codes (for CI scripts): 0 success; 2 bad usage or input (bad option value, unknown
+model, bad path, bad weights or calibration file); 3 the target cannot be reached within
+the budget (nothing written); 4 export or ONNX parity failure; 5 analysis/trace failure;
+6 ``--best-effort``: the target was out of reach, the most compressed model within budget
+was written; 1 anything unexpected.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import os
+import math
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
 
+from idap_fx.cli_inputs import (
+    UsageError,
+    ensure_cwd_importable,
+    leaf_module_types,
+    load_calibration,
+    load_model,
+    synthetic_input,
+)
 from idap_fx.errors import AnalysisError, BudgetError, ExportError, IdapError, TraceError
 from idap_fx.files import check_writable
 from idap_fx.options import CLI_ROUND_TO, Goal, PruneOptions
 
-EXIT_USAGE, EXIT_BUDGET, EXIT_EXPORT, EXIT_ANALYSIS, EXIT_OTHER = 2, 3, 4, 5, 1
+__all__ = ["UsageError", "load_calibration", "load_model", "main"]
 
-
-class UsageError(IdapError):
-    """Bad command-line input (model spec, file, shape)."""
-
-
-def load_model(spec: str) -> nn.Module:
-    """``torchvision:NAME`` (weights=None), ``timm:NAME`` (timm installed) or ``module:callable``."""
-    kind, _, name = spec.partition(":")
-    if not name:
-        raise UsageError(f"model {spec!r}: use torchvision:NAME, timm:NAME or package.module:callable")
-    if kind == "torchvision":
-        import torchvision
-
-        if name not in torchvision.models.list_models():
-            raise UsageError(f"torchvision has no model {name!r} (see torchvision.models.list_models())")
-        kw: dict[str, Any] = (
-            {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
-        )
-        return torchvision.models.get_model(name, weights=None, **kw).eval()
-    if kind == "timm":
-        try:
-            import timm
-        except ImportError:
-            raise UsageError("timm:NAME needs timm installed (pip install timm)") from None
-        return timm.create_model(name, pretrained=False).eval()
-    try:
-        factory = getattr(importlib.import_module(kind), name)
-    except (ImportError, AttributeError) as exc:
-        raise UsageError(f"cannot load {spec!r}: {exc}") from exc
-    model = factory()
-    if not isinstance(model, nn.Module):
-        raise UsageError(f"{spec} returned a {type(model).__name__}, not an nn.Module")
-    return model.eval()
+EXIT_USAGE, EXIT_BUDGET, EXIT_EXPORT, EXIT_ANALYSIS, EXIT_BEST_EFFORT, EXIT_OTHER = 2, 3, 4, 5, 6, 1
+DEFAULT_SHAPE = (1, 3, 224, 224)
+# API names in error messages, and what to type on the command line instead.
+CLI_HINTS = {
+    "ignored_layers": "--ignore",
+    "target_macs": "--target-macs",
+    "target_params": "--target-params",
+    "the most compressed model within budget is in .result": "--best-effort writes the most compressed "
+    "model within budget",
+}
 
 
 def _shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--input-shape must look like 1,3,224,224, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must look like 1,3,224,224, got {text!r}") from None
     if not shape or min(shape) < 1:
-        raise argparse.ArgumentTypeError(f"--input-shape must be positive integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be positive integers, got {text!r}")
     return shape
 
 
-def load_calibration(path: str, shape: tuple[int, ...], batch: int = 8) -> list[torch.Tensor]:
-    """Batches from a .pt / .npy tensor file (N, *shape[1:]) or a folder of images (resized, ImageNet-normalised)."""
-    if not os.path.exists(path):
-        raise UsageError(f"--calibration {path}: no such file or directory")
-    if os.path.isdir(path):
-        from PIL import Image
-        from torchvision.transforms import v2
-
-        files = sorted(f for f in os.listdir(path) if f.lower().endswith((".png", ".jpg", ".jpeg", ".bmp")))
-        if not files:
-            raise UsageError(f"--calibration {path}: the folder holds no .png/.jpg/.bmp images")
-        tf = v2.Compose(
-            [
-                v2.ToImage(),
-                v2.Resize(shape[-2:], antialias=True),
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-            ]
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(
+            f"is the fraction of the original to keep, in (0, 1): {text} is impossible (0.5 keeps half)"
         )
-        data = torch.stack([tf(Image.open(os.path.join(path, f)).convert("RGB")) for f in files])
-    elif path.endswith(".npy"):
-        data = torch.from_numpy(np.load(path)).float()
-    elif path.endswith(".pt"):
-        data = torch.load(path, weights_only=True)
-        if not isinstance(data, torch.Tensor):
-            raise UsageError(f"--calibration {path}: expected one tensor, found {type(data).__name__}")
-    else:
-        raise UsageError(f"--calibration {path}: give a folder of images, a .pt or a .npy file")
-    if tuple(data.shape[1:]) != tuple(shape[1:]):
-        raise UsageError(
-            f"--calibration {path}: samples have shape {tuple(data.shape[1:])}, the model takes {shape[1:]}"
-        )
-    return list(data.split(batch))
+    return value
 
 
 def _budget(text: str) -> float | None:
     if text.lower() == "none":
         return None
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--budget must be a number or 'none', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must be a number or 'none', got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 or 'none', got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _choices(allowed: Sequence[str]) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        names = [p.strip() for p in text.split(",") if p.strip()]
+        bad = [n for n in names if n not in allowed]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"{bad or text!r}: choose from {', '.join(allowed)}")
+        return names
+
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
+    from idap_fx.passes import PASSES
+    from idap_fx.scoring import CRITERIA
+
     p = argparse.ArgumentParser(
         prog="idap-fx", description="Structured pruning of PyTorch models (IDAP++ on torch.fx)."
     )
     sub = p.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("model", help="torchvision:NAME, timm:NAME or package.module:callable")
-    common.add_argument("--input-shape", type=_shape, default=(1, 3, 224, 224), help="example input shape")
-    o = sub.add_parser("optimize", parents=[common], help="prune, export ONNX, check latency, write reports")
-    o.add_argument("--target-macs", type=float, help="fraction of the original MACs to keep, e.g. 0.5")
-    o.add_argument("--target-params", type=float, help="fraction of the original parameters to keep")
-    o.add_argument(
+    common.add_argument("model", help="torchvision:NAME, timm:NAME, package.module:callable or FILE.pt2")
+    common.add_argument("--input-shape", type=_shape, help="example input shape (default 1,3,224,224)")
+    common.add_argument(
+        "--weights", help="state dict / checkpoint path, or a torchvision weight name (local cache)"
+    )
+    common.add_argument("--leaf-module", action="append", default=[], help="module class traced as one call")
+    job = argparse.ArgumentParser(add_help=False, parents=[common])
+    job.add_argument("--target-macs", type=_fraction, help="fraction of the original MACs to keep, e.g. 0.5")
+    job.add_argument("--target-params", type=_fraction, help="fraction of the original parameters to keep")
+    job.add_argument(
         "--budget", type=_budget, default=Goal().budget, help="label-free output-deviation budget, or 'none'"
     )
-    o.add_argument("--passes", default="prune_channels", help="comma-separated: prune_channels,skip_layers")
-    o.add_argument("--importance", default=PruneOptions().importance, help="divergence, l1, bn_scale, random")
-    o.add_argument("--calibration", help="folder of images, or a .pt/.npy tensor file")
-    o.add_argument(
-        "--round-to", type=int, default=CLI_ROUND_TO, help="keep widths multiples of this (8: fast ORT convs)"
+    job.add_argument("--passes", type=_choices(PASSES), default=["prune_channels"], help=", ".join(PASSES))
+    job.add_argument("--importance", choices=sorted(CRITERIA), default=PruneOptions().importance)
+    job.add_argument("--calibration", help="folder of images, a .pt/.npy tensor file, or module:function")
+    job.add_argument(
+        "--ignore", action="append", default=[], help="module path or class kept whole (repeatable)"
     )
-    o.add_argument("--opset", type=int, default=None)
+    job.add_argument(
+        "--round-to", type=_positive_int, default=CLI_ROUND_TO, help="keep widths multiples of this"
+    )
+    job.add_argument(
+        "--best-effort", action="store_true", help="target out of reach: write the best within budget"
+    )
+    job.add_argument("--quiet", action="store_true")
+    o = sub.add_parser("optimize", parents=[job], help="prune, export ONNX, check latency, write reports")
+    o.add_argument("--opset", type=_positive_int, default=None)
     o.add_argument("--out", default="model.onnx", help="ONNX output path")
     o.add_argument("--report", default="report.json", help="JSON report path (a .md is written next to it)")
     o.add_argument("--no-latency", action="store_true", help="skip the ONNX Runtime latency check")
-    o.add_argument("--quiet", action="store_true")
+    pl = sub.add_parser("plan", parents=[job], help="dry run: the per-layer plan, no model written")
+    pl.add_argument(
+        "--report", default="plan.json", help="JSON plan/report path (a .md is written next to it)"
+    )
     i = sub.add_parser("inspect", parents=[common], help="print the dependency groups")
     i.add_argument("--all", action="store_true", help="list frozen groups too")
-    v = sub.add_parser("viz", parents=[common], help="write the dependency-graph viewer (HTML)")
+    v = sub.add_parser("viz", help="write the dependency-graph viewer, or a plan's per-layer view (HTML)")
+    v.add_argument("model", nargs="?", help="as for optimize; not needed with --plan")
+    v.add_argument("--input-shape", type=_shape)
+    v.add_argument("--weights")
+    v.add_argument("--leaf-module", action="append", default=[])
+    v.add_argument("--plan", help="a report.json / plan.json written by optimize or plan")
     v.add_argument("--out", default="graph.html")
     return p
+
+
+def _model(args: argparse.Namespace) -> tuple[Any, torch.Tensor, list[str]]:
+    """The model (traced when --leaf-module is given), its seeded example input and the warnings."""
+    import idap_fx
+
+    loaded = load_model(args.model, args.weights)
+    shape = args.input_shape or loaded.input_shape or DEFAULT_SHAPE
+    args.input_shape = shape
+    x = synthetic_input(shape)
+    model = loaded.model
+    if args.leaf_module:
+        model = idap_fx.trace(model, x, leaf_modules=leaf_module_types(model, args.leaf_module))
+    return model, x, loaded.warnings
+
+
+def _warn(message: str) -> None:
+    print(f"idap-fx: WARNING: {message}", file=sys.stderr, flush=True)
 
 
 def _optimize(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from idap_fx.pipeline import run_job, summary_table
+    from idap_fx.pipeline import plan_table, run_job, summary_table
+    from idap_fx.schedule import get_schedule
 
-    for path in (args.out, args.report):
+    plan_only = args.command == "plan"
+    out = None if plan_only else args.out
+    for path in [args.report] + ([] if plan_only else [args.out]):
         try:
             check_writable(path)
         except ExportError as exc:  # a bad path is bad input (exit 2), not an export failure
             raise UsageError(str(exc)) from None
-    model = load_model(args.model)
-    x = torch.randn(*args.input_shape)
-    cal = load_calibration(args.calibration, args.input_shape) if args.calibration else None
+    model, x, warnings = _model(args)
+    if args.calibration:
+        cal = load_calibration(args.calibration, args.input_shape)
+    else:
+        cal = None
+        warnings.append(
+            "calibration data is SYNTHETIC (one seeded N(0,1) batch, no --calibration): channels are ranked "
+            "on noise; pass --calibration with a few hundred real samples"
+        )
+    for w in warnings:
+        _warn(w)
+    if not args.quiet:
+        todo = [f"up to {get_schedule(None).steps} prune steps (fewer once the target is reached)"]
+        todo.append(f"{len(cal) if cal else 1} calibration batch(es) scored per step")
+        todo += (
+            [] if plan_only else ["ONNX export of 2 models"] + ([] if args.no_latency else ["latency check"])
+        )
+        print(f"idap-fx: {'; '.join(todo)}", file=sys.stderr, flush=True)
     res, summary = run_job(
         model,
         x,
-        out=args.out,
+        out=out,
         report=args.report,
         calibration=cal,
-        goal=Goal(target_macs=args.target_macs, target_params=args.target_params, budget=args.budget),
-        passes=[p.strip() for p in args.passes.split(",") if p.strip()],
+        goal=Goal(
+            target_macs=args.target_macs,
+            target_params=args.target_params,
+            budget=args.budget,
+            strict=not args.best_effort,
+        ),
+        passes=args.passes,
         importance=args.importance,
         round_to=args.round_to,
-        opset=args.opset,
-        latency=not args.no_latency,
+        ignored_layers=args.ignore,
+        opset=getattr(args, "opset", None),
+        latency=not (plan_only or args.no_latency),
+        plan_only=plan_only,
+        warnings=warnings,
         quiet=args.quiet or None,
     )
-    Console().print(summary_table(summary, title=f"idap-fx optimize {args.model}"))
-    print(f"wrote {args.out} and {args.report}")
+    console = Console()
+    console.print(summary_table(summary, title=f"idap-fx {args.command} {args.model}"))
+    console.print(plan_table(res.report.layers))
+    for w in warnings:
+        _warn(w)
+    print(f"wrote {args.report}" if plan_only else f"wrote {args.out} and {args.report}")
+    if summary.target_reached is False:
+        print(f"idap-fx: target not reached ({res.report.stop_reason}); wrote the most compressed model within "
+              f"budget: MACs {res.report.macs_ratio:.3f}, params {res.report.params_ratio:.3f}", file=sys.stderr)  # fmt: skip
+        return EXIT_BEST_EFFORT
     return 0
+
+
+LEGEND = (
+    "units: what a plan can remove in the group (one output channel, or a whole attention head / "
+    "grouped-conv position); channels: the tensor channels those units span (units x channels per unit); "
+    "members: the parameter slices that lose the same units."
+)
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -183,9 +251,9 @@ def _inspect(args: argparse.Namespace) -> int:
 
     import idap_fx
 
-    gm = idap_fx.trace(load_model(args.model), torch.randn(*args.input_shape))
-    dg = idap_fx.analyze(gm)
-    t = Table(title=f"{args.model}: {len(dg.groups)} groups, {len(dg.prunable)} prunable")
+    model, x, _ = _model(args)
+    dg = idap_fx.analyze(idap_fx.trace(model, x))
+    t = Table(title=f"{args.model}: {len(dg.groups)} groups, {len(dg.prunable)} prunable", caption=LEGEND)
     for col in ("group", "units", "channels", "members", "status"):
         t.add_column(col)
     for g in dg.groups:
@@ -196,7 +264,7 @@ def _inspect(args: argparse.Namespace) -> int:
                 else f"frozen: {g.frozen_reason}"
             )
             t.add_row(g.id, str(g.size), str(g.channels), str(len(g.members)), status)
-    Console().print(t)
+    Console(width=max(120, Console().width)).print(t)
     for node, why in dg.boundaries.items():
         print(f"boundary {node}: {why}")
     return 0
@@ -204,34 +272,50 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _viz(args: argparse.Namespace) -> int:
     import idap_fx
-    from idap_fx.visualize import visualize
+    from idap_fx.visualize import visualize, visualize_plan
 
-    gm = idap_fx.trace(load_model(args.model), torch.randn(*args.input_shape))
-    path = visualize(gm, args.out, title=args.model)
+    if args.plan:
+        path = visualize_plan(args.plan, args.out)
+    elif args.model:
+        model, x, _ = _model(args)
+        path = visualize(idap_fx.trace(model, x), args.out, title=args.model)
+    else:
+        raise UsageError("viz needs a model, or --plan report.json")
     print(f"wrote {path}")
     return 0
+
+
+def _cli_message(exc: BaseException) -> str:
+    text = str(exc)
+    culprit = re.search(r"inside module '[^']*' \((\w+)\)", text)
+    leaf = f"--leaf-module {culprit.group(1) if culprit else 'ItsClass'}"
+    text = re.sub(r"trace\(\.\.\., leaf_modules=\[\w+\]\)", leaf, text)
+    for api, cli in CLI_HINTS.items():
+        text = text.replace(api, cli)
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``idap-fx`` console script; returns the exit code."""
     args = _parser().parse_args(argv)
-    handler = {"optimize": _optimize, "inspect": _inspect, "viz": _viz}[args.command]
+    ensure_cwd_importable()
+    handler = {"optimize": _optimize, "plan": _optimize, "inspect": _inspect, "viz": _viz}[args.command]
     try:
         return handler(args)
     except UsageError as exc:
         print(f"idap-fx: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except BudgetError as exc:
-        print(f"idap-fx: target not reachable: {exc}", file=sys.stderr)
+        print(f"idap-fx: target not reachable: {_cli_message(exc)}", file=sys.stderr)
         return EXIT_BUDGET
     except ExportError as exc:
         print(f"idap-fx: export failed: {exc}", file=sys.stderr)
         return EXIT_EXPORT
     except (TraceError, AnalysisError) as exc:
-        print(f"idap-fx: cannot analyze the model: {exc}", file=sys.stderr)
+        print(f"idap-fx: cannot analyze the model: {_cli_message(exc)}", file=sys.stderr)
         return EXIT_ANALYSIS
     except IdapError as exc:
-        print(f"idap-fx: error: {exc}", file=sys.stderr)
+        print(f"idap-fx: error: {_cli_message(exc)}", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -29,7 +29,7 @@ from idap_fx.metrics import count_macs, count_params
 from idap_fx.options import Goal, PassOptions, Recovery, build, split_shorthands
 from idap_fx.passes import PASSES
 from idap_fx.passes.base import PassContext, PassRecord, run_passes
-from idap_fx.report import OptimizeReport
+from idap_fx.report import LayerChange, OptimizeReport, layer_changes
 from idap_fx.stats import batch_args
 from idap_fx.trace import trace
 
@@ -42,6 +42,13 @@ class OptimizeResult:
     original: fx.GraphModule
     report: OptimizeReport
     example_inputs: tuple[Any, ...]
+
+    @property
+    def plan(self) -> list[LayerChange]:
+        """Per weight layer: output width before → after and share of the original MACs."""
+        return [
+            LayerChange(**{k: v for k, v in r.items() if k != "removed_share"}) for r in self.report.layers
+        ]
 
     def export_onnx(self, path: str | os.PathLike[str], **kwargs: Any) -> Any:
         """Export the optimized model (see ``idap_fx.export_onnx``)."""
@@ -201,6 +208,7 @@ def optimize(
     model.eval()
     _check_weights(model, "recovery (fine_tune callback or distillation) diverged; check its learning rate")
     report = _report(ctx, model, records, phases, notes)
+    report.layers = [r.to_dict() for r in layer_changes(original, model, inputs)]
     report.options = {
         "goal": goal_.to_dict(),
         "recovery": recovery_.to_dict(),
@@ -255,16 +263,29 @@ def _context(
             original, goal.budget, holdout, goal.evaluate, reduce=goal.budget_reduce, measure=checked
         )
     show = not quiet if quiet is not None else sys.stderr.isatty()
+    macs0 = count_macs(original, inputs)
+
+    def on_step(rec: dict[str, Any], total: int) -> None:  # one line per step in logs (stderr not a terminal)
+        if quiet is not True and not sys.stderr.isatty():
+            verdict = "accepted" if rec["accepted"] else "rolled back"
+            print(
+                f"idap_fx: prune step {rec['step'] + 1}/{total}: -{rec['units_removed']} units, MACs "
+                f"{rec['macs'] / macs0:.3f} of original, budget used {rec['budget_consumed']:.3g}, {verdict}",
+                file=sys.stderr,
+                flush=True,
+            )
+
     ctx = PassContext(
         example_inputs=inputs,
         calibration=score_batches,
         budget=checker,
         goal=goal,
         recovery=recovery,
-        macs0=count_macs(original, inputs),
+        macs0=macs0,
         params0=count_params(original),
         seed=seed,
-        progress=lambda it, **kw: tqdm(it, disable=not show, leave=False, **kw),
+        progress=lambda it, **kw: tqdm(it, disable=not show, leave=True, **kw),
+        on_step=on_step,
         stop_check=_latency_stop(original, inputs, goal.target_latency) if goal.target_latency else None,
     )
     return ctx, notes
@@ -319,6 +340,6 @@ def _report(
         stop_reason="; ".join(f"{r.name}: {r.stop_reason}" for r in records),
         timings=phases,
         frozen_ops=next((r.frozen_ops for r in records if r.frozen_ops), {}),
-        notes=notes,
+        notes=notes + [n for r in records for n in r.notes],
         recovery=[x for r in records for x in r.recovery],
     )

@@ -212,7 +212,8 @@ class PruneOptions(PassOptions):
     ``loss_fn(model, batch) -> loss``), ``random`` or an ``Importance`` object. A group keeps
     ≥ ``min_channels`` channels and a multiple of ``round_to`` units; ``ranking="group"``
     compares scores divided by their group's mean, ``"global"`` raw scores. A step that breaks
-    the budget is retried at half size ``backtracks`` times.
+    the budget is retried at half size ``backtracks`` times. ``ignored_layers`` (module paths,
+    their prefixes, module types or type names) keep every group their parameters belong to.
     """
 
     pass_name: ClassVar[str] = "prune_channels"
@@ -224,6 +225,7 @@ class PruneOptions(PassOptions):
     prune_inexact: bool = False
     loss_fn: Callable[[Any, Any], Any] | None = None
     backtracks: int = 2
+    ignored_layers: tuple[Any, ...] = ()
 
     def validate(self) -> None:
         from idap_fx.schedule import get_schedule
@@ -238,6 +240,9 @@ class PruneOptions(PassOptions):
         _bool("prune_inexact", self.prune_inexact)
         _optional_callable("loss_fn", self.loss_fn)
         _int_at_least("backtracks", self.backtracks, 0)
+        bad = [e for e in self.ignored_layers if not isinstance(e, (str, type))]
+        _check(isinstance(self.ignored_layers, (tuple, list)) and not bad, "ignored_layers",
+               "module names or types", bad or self.ignored_layers)  # fmt: skip
 
     def validate_with(self, goal: Goal) -> None:
         if goal.budget is None and not goal.has_target:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,12 +31,14 @@ class JobSummary:
 
     macs: tuple[int, int]
     params: tuple[int, int]
-    onnx_bytes: tuple[int, int]
+    onnx_bytes: tuple[int, int] | None  # None in a dry run (plan_only): nothing exported
     latency_ms: tuple[float, float] | None
     speedup: float | None
-    parity_rel_error: float
+    parity_rel_error: float | None
     top1_agreement: float | None
     threads: int
+    target_reached: bool | None = None
+    plan_only: bool = False
 
 
 def top1_agreement(
@@ -62,36 +65,59 @@ def run_job(
     check_batches: Sequence[torch.Tensor] = (),
     latency: bool = True,
     opset: int | None = None,
+    plan_only: bool = False,
+    best_effort: bool = False,
+    warnings: Sequence[str] = (),
     **optimize_kwargs: Any,
 ) -> tuple[OptimizeResult, JobSummary]:
     """Optimize ``model``, export it to ``out``, measure it, write the reports; return result and summary.
 
     Output paths are validated before any work, so a bad path fails in a second.
+    ``plan_only`` is a dry run: the same search (so its plan is exactly what the real run
+    removes: every step re-scores the model the previous step left), but no ONNX export,
+    parity or latency check and no model file; only the reports. ``best_effort`` keeps the
+    most compressed model within budget when the target is out of reach (instead of
+    ``BudgetError``); ``summary.target_reached`` says so. ``warnings`` (random weights,
+    synthetic calibration, ...) head the reports.
     """
     for path in (out, report):
         if path is not None:
             check_writable(path)
+    quiet = optimize_kwargs.get("quiet")
+    if best_effort:
+        optimize_kwargs["strict"] = False
     res = optimize(model, example_inputs, **optimize_kwargs)
+    res.report.warnings = list(warnings)
     x = res.example_inputs
     with tempfile.TemporaryDirectory(prefix="idap_fx_job_") as tmp:
-        orig_export = export_onnx(res.original, x, os.path.join(tmp, "original.onnx"), opset=opset)
-        opt_export = export_onnx(res.model, x, os.path.join(tmp, "optimized.onnx"), opset=opset)
-        lat = (
-            check_latency(
-                orig_export.path, opt_export.path, x, macs=(res.report.macs_before, res.report.macs_after)
+        if plan_only:
+            orig_export = opt_export = lat = None
+        else:
+            _log("exporting ONNX (original and optimized) and checking parity", quiet)
+            orig_export = export_onnx(res.original, x, os.path.join(tmp, "original.onnx"), opset=opset)
+            opt_export = export_onnx(res.model, x, os.path.join(tmp, "optimized.onnx"), opset=opset)
+            if latency:
+                _log("measuring ONNX Runtime latency (1 thread, original vs optimized, interleaved)", quiet)
+            lat = (
+                check_latency(
+                    orig_export.path, opt_export.path, x, macs=(res.report.macs_before, res.report.macs_after)
+                )
+                if latency
+                else None
             )
-            if latency
-            else None
-        )
         summary = JobSummary(
             macs=(res.report.macs_before, res.report.macs_after),
             params=(res.report.params_before, res.report.params_after),
-            onnx_bytes=(orig_export.onnx_bytes, opt_export.onnx_bytes),
+            onnx_bytes=(orig_export.onnx_bytes, opt_export.onnx_bytes)
+            if orig_export and opt_export
+            else None,
             latency_ms=(lat.original_median_ms, lat.optimized_median_ms) if lat else None,
             speedup=lat.speedup if lat else None,
-            parity_rel_error=opt_export.max_rel_error,
+            parity_rel_error=opt_export.max_rel_error if opt_export else None,
             top1_agreement=top1_agreement(res.original, res.model, check_batches) if check_batches else None,
             threads=lat.threads if lat else 0,
+            target_reached=res.report.target_reached,
+            plan_only=plan_only,
         )
         if report is not None:
             data = res.report.to_dict() | {"job": summary.__dict__, "latency": lat.to_dict() if lat else None}
@@ -104,11 +130,16 @@ def run_job(
                 if tmp_md is not None:
                     with open(tmp_md, "w") as f:
                         f.write(res.report.to_markdown() + "\n" + _summary_markdown(summary))
-        if out is not None:
+        if out is not None and opt_export is not None:
             with main_output(out) as tmp_out:
                 if tmp_out is not None:
                     os.replace(opt_export.path, tmp_out)
     return res, summary
+
+
+def _log(message: str, quiet: bool | None) -> None:
+    if quiet is not True:
+        print(f"idap_fx: {message}", file=sys.stderr, flush=True)
 
 
 def _summary_markdown(s: JobSummary) -> str:
@@ -117,14 +148,16 @@ def _summary_markdown(s: JobSummary) -> str:
         "|---|---|---|",
         f"| MACs | {s.macs[0]:,} | {s.macs[1]:,} |",
         f"| params | {s.params[0]:,} | {s.params[1]:,} |",
-        f"| ONNX bytes | {s.onnx_bytes[0]:,} | {s.onnx_bytes[1]:,} |",
     ]
+    if s.onnx_bytes:
+        rows.append(f"| ONNX bytes | {s.onnx_bytes[0]:,} | {s.onnx_bytes[1]:,} |")
     if s.latency_ms:
         rows.append(
             f"| ORT latency (median, {s.threads} thread) | {s.latency_ms[0]:.2f} ms | {s.latency_ms[1]:.2f} ms |"
         )
         rows.append(f"| speed-up | | {s.speedup:.2f}x |")
-    rows.append(f"| ONNX parity (max rel. error) | | {s.parity_rel_error:.2e} |")
+    if s.parity_rel_error is not None:
+        rows.append(f"| ONNX parity (max rel. error) | | {s.parity_rel_error:.2e} |")
     if s.top1_agreement is not None:
         rows.append(f"| top-1 agreement with original | | {100 * s.top1_agreement:.1f} % |")
     return "\n".join(rows) + "\n"
@@ -173,4 +206,24 @@ def summary_table(s: JobSummary, title: str = "idap_fx") -> Any:
     t.add_column("ratio", justify="right")
     for row in summary_rows(s):
         t.add_row(*row)
+    return t
+
+
+def plan_table(layers: Sequence[dict[str, Any]], title: str = "per-layer plan", top: int = 15) -> Any:
+    """The rich per-layer table: the ``top`` pruned layers by share of the original MACs."""
+    from rich.table import Table
+
+    pruned = [r for r in layers if r["width_after"] != r["width_before"]]
+    pruned.sort(key=lambda r: -(r["macs_share"] or 0.0))
+    t = Table(title=f"{title}: {len(pruned)} of {len(layers)} layers narrowed (full table in the report)")
+    for col in ("layer", "width before → after", "removed", "MACs share"):
+        t.add_column(col, justify="left" if col == "layer" else "right")
+    for r in pruned[:top]:
+        share = "" if r["macs_share"] is None else f"{100 * r['macs_share']:.1f} %"
+        t.add_row(
+            r["module"],
+            f"{r['width_before']} → {r['width_after']}",
+            f"{100 * r['removed_share']:.1f} %",
+            share,
+        )
     return t

@@ -6,6 +6,12 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.utils._pytree import tree_map
+from torch.utils.flop_counter import FlopCounterMode
+
 
 @dataclass
 class OptimizeReport:
@@ -32,6 +38,8 @@ class OptimizeReport:
     timings: dict[str, float]
     frozen_ops: dict[str, str]
     notes: list[str] = field(default_factory=list)
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)  # the Goal, Recovery and pass options of the run
     recovery: list[dict[str, Any]] = field(default_factory=list)
 
@@ -72,9 +80,9 @@ class OptimizeReport:
 
     def to_markdown(self) -> str:
         """A short human-readable summary."""
-        lines = [
-            "# idap_fx optimize report",
-            "",
+        lines = ["# idap_fx optimize report", ""]
+        lines += [f"- **WARNING: {w}**" for w in self.warnings] + ([""] if self.warnings else [])
+        lines += [
             "| | before | after | ratio |",
             "|---|---|---|---|",
             f"| MACs | {self.macs_before:,} | {self.macs_after:,} | {self.macs_ratio:.3f} |",
@@ -94,6 +102,8 @@ class OptimizeReport:
                 f"| {s['step']} | {s['rho']:.3f} | {s['units_removed']} | {len(s['groups'])} | {s['macs']:,} "
                 f"| {s['budget_consumed']:.4g} | {s['accepted']} | {s['note']} |"
             )
+        if self.layers:
+            lines += ["", *layer_table_markdown(self.layers)]
         if self.layer_trials:
             lines += [
                 "",
@@ -141,3 +151,96 @@ class OptimizeReport:
             f"{total['stopped_early']} stopped early"
         )
         return lines
+
+
+@dataclass
+class LayerChange:
+    """One layer of the plan: its output width before → after and its share of the original MACs."""
+
+    module: str
+    kind: str
+    width_before: int
+    width_after: int
+    macs_before: int | None
+    macs_after: int | None
+    macs_share: float | None  # of the original model's MACs, before pruning
+
+    @property
+    def removed_share(self) -> float:
+        """Fraction of the layer's output channels removed."""
+        return 1 - self.width_after / self.width_before if self.width_before else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (removed share included)."""
+        return asdict(self) | {"removed_share": self.removed_share}
+
+
+def layer_table_markdown(layers: list[dict[str, Any]]) -> list[str]:
+    """The per-layer table (module, width before → after, share removed, MACs share) as Markdown lines."""
+    lines = [
+        "| layer | kind | width before → after | removed | MACs share (original) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in layers:
+        share = "" if r["macs_share"] is None else f"{100 * r['macs_share']:.1f} %"
+        lines.append(
+            f"| {r['module']} | {r['kind']} | {r['width_before']} → {r['width_after']} "
+            f"| {100 * r['removed_share']:.1f} % | {share} |"
+        )
+    return lines
+
+
+def _module_macs(model: nn.Module, inputs: tuple[Any, ...]) -> dict[str, int]:
+    """MACs per module path, the whole model under "" (meta forward; empty when that cannot run)."""
+    meta = {
+        k: torch.empty_like(v, device="meta")
+        for k, v in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items()
+    }
+    counter = FlopCounterMode(display=False)
+    try:
+        with torch.no_grad(), counter:
+            functional_call(
+                model, meta, tree_map(lambda v: v.to("meta") if torch.is_tensor(v) else v, inputs)
+            )
+    except Exception:  # graphs that build real tensors (arange, ...) cannot run on meta: no per-layer MACs
+        return {}
+    out = {}
+    for key, ops in counter.get_flop_counts().items():
+        _, dot, path = key.partition(".")
+        if dot or key == "Global":
+            out[path] = sum(ops.values()) // 2
+    return out
+
+
+def _width(m: nn.Module) -> int | None:
+    for attr in ("out_channels", "out_features", "num_embeddings"):
+        if isinstance(getattr(m, attr, None), int):
+            return getattr(m, attr)
+    w = m._parameters.get("weight")
+    return int(w.shape[0]) if isinstance(w, torch.Tensor) and w.dim() >= 2 else None
+
+
+def layer_changes(original: nn.Module, model: nn.Module, inputs: tuple[Any, ...]) -> list[LayerChange]:
+    """Every weight layer (conv, linear, embedding) of ``original`` with its width in ``model``.
+
+    Layers are matched by module path (the rewrite keeps paths); a layer that stage 2
+    removed has width 0 after.
+    """
+    macs0, macs1 = _module_macs(original, inputs), _module_macs(model, inputs)
+    total = macs0.get("")
+    after = dict(model.named_modules())
+    rows = []
+    for name, m in original.named_modules():
+        before = _width(m)
+        if not name or before is None:
+            continue
+        new = after.get(name)
+        width = _width(new) if new is not None else 0
+        rows.append(
+            LayerChange(
+                name, type(m).__name__, before, width if width is not None else before,
+                macs0.get(name), macs1.get(name) if new is not None else 0,
+                macs0[name] / total if total and name in macs0 else None,
+            )
+        )  # fmt: skip
+    return rows

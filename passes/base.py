@@ -46,6 +46,7 @@ class PassContext:
     seed: int = 0
     progress: Callable[..., Any] = _no_progress
     stop_check: Callable[[fx.GraphModule], str | None] | None = None
+    on_step: Callable[[dict[str, Any], int], None] | None = None  # each step record and the planned total
 
 
 @dataclass
@@ -61,6 +62,7 @@ class PassRecord:
         default_factory=list
     )  # one RecoveryRecord (as a dict) per recovery
     stop_reason: str = ""
+    notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     frozen_ops: dict[str, str] = field(default_factory=dict)
     importance: str = ""

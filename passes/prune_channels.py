@@ -12,16 +12,19 @@ budget.
 
 from __future__ import annotations
 
+import difflib
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from idap_fx.passes.base import IdapPass, PassContext
-from torch import fx
+from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
 from idap_fx.analysis import analyze
 from idap_fx.dependency import ChannelGroup, DependencyGraph, Plan
+from idap_fx.errors import OptionError
 from idap_fx.metrics import count_macs, count_params
 from idap_fx.options import PruneOptions
 from idap_fx.recovery import compensate, distill, run_fine_tune
@@ -118,6 +121,24 @@ class StepRecord:
     note: str = ""
 
 
+def resolve_ignored(gm: fx.GraphModule, ignored_layers: Sequence[str | type[nn.Module]]) -> dict[str, str]:
+    """Module paths to keep whole, each with the ``ignored_layers`` entry that named it."""
+    modules = {n: m for n, m in gm.named_modules() if n}
+    out: dict[str, str] = {}
+    for entry in ignored_layers:
+        if isinstance(entry, type):
+            hits = [n for n, m in modules.items() if isinstance(m, entry)]
+        else:
+            hits = [n for n in modules if n == entry or n.startswith(f"{entry}.")]
+            hits = hits or [n for n, m in modules.items() if type(m).__name__ == entry]
+        if not hits:
+            close = difflib.get_close_matches(str(entry), list(modules), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise OptionError(f"ignored_layers: no module named or of type {entry!r} in the model{hint}")
+        out |= {n: str(getattr(entry, "__name__", entry)) for n in hits}
+    return out
+
+
 class PruneChannels(IdapPass):
     """The stage-1 pass: call(gm) returns the most compressed model found within budget."""
 
@@ -138,8 +159,17 @@ class PruneChannels(IdapPass):
     def _reached(self, macs: int, params: int) -> bool:
         return bool(self.ctx.goal.reached(macs, params, self.ctx.macs0, self.ctx.params0))
 
-    def _groups(self, dg: DependencyGraph) -> list[ChannelGroup]:
-        return [g for g in dg.prunable if g.exact or self.opts.prune_inexact]
+    def _groups(self, dg: DependencyGraph, ignored: dict[str, str]) -> list[ChannelGroup]:
+        out = []
+        for g in dg.prunable:
+            hit = [m.param.rpartition(".")[0] for m in g.members if m.param.rpartition(".")[0] in ignored]
+            if hit:
+                note = f"ignored_layers: group {g.id} not pruned (holds {hit[0]}, {ignored[hit[0]]})"
+                if note not in self.record.notes:
+                    self.record.notes.append(note)
+            elif g.exact or self.opts.prune_inexact:
+                out.append(g)
+        return out
 
     def _candidate(
         self, gm: fx.GraphModule, dg: DependencyGraph, plan: Plan
@@ -236,6 +266,10 @@ class PruneChannels(IdapPass):
         for attempt in range(self.opts.backtracks + 1):
             plan, cand, macs, _ = self._trim(current, dg, scores, groups, k)
             if not plan:
+                if attempt == 0:
+                    self.record.stop_reason = (
+                        f"a step of {k} units removes none once widths are rounded (round_to)"
+                    )
                 return None
             cand, note = self._recover(current, cand, dg, plan, sctx)
             with self.timed("budget"):
@@ -246,6 +280,8 @@ class PruneChannels(IdapPass):
                 verdict.quality, verdict.consumed, verdict.ok,
                 note if verdict.ok else f"rolled back: budget {verdict.consumed:.4g} > {budget.limit}",
             )))  # fmt: skip
+            if self.ctx.on_step is not None:
+                self.ctx.on_step(self.record.steps[-1], self.schedule.steps)
             if verdict.ok:
                 return cand
             if attempt == self.opts.backtracks or n_units <= 1:
@@ -256,12 +292,14 @@ class PruneChannels(IdapPass):
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         current, modified, record = graph_module, False, self.record
         steps = self.schedule.steps
-        for t in self.ctx.progress(range(steps), desc="prune_channels"):
+        ignored = resolve_ignored(graph_module, self.opts.ignored_layers)
+        bar = self.ctx.progress(range(steps), desc="prune_channels")
+        for t in bar:
             with self.timed("analyze"):
                 dg = analyze(current)
             if t == 0:
                 record.frozen_ops = dict(dg.boundaries)
-            groups = self._groups(dg)
+            groups = self._groups(dg, ignored)
             if removable_units(groups, self.opts.min_channels, self.opts.round_to) == 0:
                 record.stop_reason = "no removable units left (floors reached)"
                 break
@@ -269,7 +307,7 @@ class PruneChannels(IdapPass):
             record.schedule.append(rho)
             accepted = self._step(t, rho, current, dg, groups)
             if accepted is None:
-                record.stop_reason = "the next step would break the budget"
+                record.stop_reason = record.stop_reason or "the next step would break the budget"
                 break
             current, modified = accepted, True
             last = record.steps[-1]
@@ -281,4 +319,6 @@ class PruneChannels(IdapPass):
                 break
         else:
             record.stop_reason = f"schedule finished ({steps} steps)"
+        if hasattr(bar, "set_postfix_str"):  # a terminal bar says why it stopped before its total
+            bar.set_postfix_str(record.stop_reason)
         return PassResult(current, modified)
