@@ -173,13 +173,16 @@ def summary_rows(s: JobSummary) -> list[list[str]]:
             f"{s.params[1] / 1e6:,.2f} M",
             f"{s.params[1] / s.params[0]:.3f}",
         ],
-        [
-            "ONNX size",
-            f"{s.onnx_bytes[0] / 1e6:,.2f} MB",
-            f"{s.onnx_bytes[1] / 1e6:,.2f} MB",
-            f"{s.onnx_bytes[1] / s.onnx_bytes[0]:.3f}",
-        ],
     ]
+    if s.onnx_bytes:  # a dry run (plan) writes no model
+        rows.append(
+            [
+                "ONNX size",
+                f"{s.onnx_bytes[0] / 1e6:,.2f} MB",
+                f"{s.onnx_bytes[1] / 1e6:,.2f} MB",
+                f"{s.onnx_bytes[1] / s.onnx_bytes[0]:.3f}",
+            ]
+        )
     if s.latency_ms:
         rows.append(
             [
@@ -189,7 +192,8 @@ def summary_rows(s: JobSummary) -> list[list[str]]:
                 f"{s.speedup:.2f}x faster",
             ]
         )
-    rows.append(["ONNX parity (max rel err)", "", f"{s.parity_rel_error:.1e}", ""])
+    if s.parity_rel_error is not None:
+        rows.append(["ONNX parity (max rel err)", "", f"{s.parity_rel_error:.1e}", ""])
     if s.top1_agreement is not None:
         rows.append(["top-1 agreement", "", f"{100 * s.top1_agreement:.1f} %", ""])
     return rows
