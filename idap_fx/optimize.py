@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -41,12 +41,32 @@ class OptimizeResult:
     original: fx.GraphModule
     report: OptimizeReport
     example_inputs: tuple[Any, ...]
+    calibration: list[Any] = field(default_factory=list)  # the batches the run used (int8 calibration)
+    snapshots: Any = None  # idap_fx.curve.Snapshots with keep_snapshots=True
 
     def export_onnx(self, path: str | os.PathLike[str], **kwargs: Any) -> Any:
-        """Export the optimized model (see ``idap_fx.export_onnx``)."""
+        """Export the optimized model (see ``idap_fx.export_onnx``); ``quantize="int8"`` calibrates on
+        the run's own calibration batches unless ``calibration=`` is given."""
         from idap_fx.export import export_onnx
 
+        if kwargs.get("quantize") is not None:
+            kwargs.setdefault("calibration", self.calibration or None)
         return export_onnx(self.model, self.example_inputs, path, **kwargs)
+
+    def at(self, target_macs: float | None = None, target_params: float | None = None) -> fx.GraphModule:
+        """The model a separate run with this target would return, rebuilt from the snapshots."""
+        if self.snapshots is None:
+            raise IdapError("at() needs optimize(..., keep_snapshots=True)")
+        return self.snapshots.at(self.original, target_macs, target_params)
+
+    @property
+    def curve(self) -> list[Any]:
+        """Every accepted step as a ``CurvePoint`` with ORT latency (fp32 and int8); measured once, then cached."""
+        if getattr(self, "_curve", None) is None:
+            from idap_fx.curve import measure_curve
+
+            self._curve = measure_curve(self, latency=True, int8=True)
+        return self._curve
 
     def check_latency(self, **kwargs: Any) -> Any:
         """ONNX Runtime latency, original vs optimized, in one run (see ``idap_fx.check_latency``)."""
@@ -149,6 +169,7 @@ def optimize(
     quiet: bool | None = None,
     strict: bool = True,
     seed: int = 0,
+    keep_snapshots: bool = False,
 ) -> OptimizeResult:
     """Prune ``traced_graph`` (a GraphModule or nn.Module) toward the targets within ``budget``.
 
@@ -178,6 +199,11 @@ def optimize(
         )
     if ranking not in ("group", "global"):
         raise IdapError(f"ranking must be 'group' or 'global', got {ranking!r}")
+    if keep_snapshots and (fine_tune is not None or train_loader is not None):
+        raise IdapError(
+            "keep_snapshots replays plans and compensated biases; training recovery (fine_tune / "
+            "train_loader) changes every weight, so its steps cannot be replayed without model copies"
+        )
     batches = _batches(calibration, inputs, gm)
     score_batches, holdout, note = _split_holdout(batches)
     notes = [note] if note else []
@@ -192,6 +218,12 @@ def optimize(
     def progress(it: Iterable[Any], **kw: Any) -> Iterable[Any]:
         return tqdm(it, disable=not show, leave=False, **kw)
 
+    snaps = None
+    if keep_snapshots:
+        from idap_fx.curve import Snapshots
+
+        snaps = Snapshots(inputs, seed)
+        snaps.checker = checker
     stop_check = None
     if target_latency is not None:
         stop_check = _latency_stop(original, inputs, target_latency)
@@ -225,29 +257,30 @@ def optimize(
                 seed=seed,
                 progress=progress,
                 stop_check=stop_check,
+                on_accept=snaps.on_prune if snaps else None,
             )
+            if snaps:
+                snaps.prune_cfg = cfg
             pass_objs.append(PruneChannels(cfg))
         else:
             from idap_fx.passes.skip_layers import SkipConfig, SkipLayers
 
-            pass_objs.append(
-                SkipLayers(
-                    SkipConfig(
-                        example_inputs=inputs,
-                        calibration=score_batches,
-                        budget=checker,
-                        max_skips=max_skips,
-                        tau_layer=tau_layer,
-                        kinds=("residual", "identity", "projection")
-                        if skip_projection
-                        else ("residual", "identity"),
-                        fine_tune=fine_tune,
-                        train_loader=train_loader,
-                        distill_steps=distill_steps,
-                        progress=progress,
-                    )
-                )
+            skip_cfg = SkipConfig(
+                example_inputs=inputs,
+                calibration=score_batches,
+                budget=checker,
+                max_skips=max_skips,
+                tau_layer=tau_layer,
+                kinds=("residual", "identity", "projection") if skip_projection else ("residual", "identity"),
+                fine_tune=fine_tune,
+                train_loader=train_loader,
+                distill_steps=distill_steps,
+                progress=progress,
+                on_accept=snaps.on_skip if snaps else None,
             )
+            if snaps:
+                snaps.skip_cfg = skip_cfg
+            pass_objs.append(SkipLayers(skip_cfg))
     t0 = time.perf_counter()
     try:
         with (
@@ -266,7 +299,9 @@ def optimize(
         original, model, inputs, pass_objs, checker, crit, phases, notes, target_macs, target_params
     )
     report.frozen_ops = dict(analyze(original).boundaries)
-    out = OptimizeResult(model, original, report, inputs)
+    if snaps:
+        snaps.steps = report.steps
+    out = OptimizeResult(model, original, report, inputs, batches if calibration is not None else [], snaps)
     if strict and report.target_reached is False:
         err = BudgetError(
             f"target not reached ({report.stop_reason}): MACs {report.macs_ratio:.3f}, params "

@@ -146,6 +146,8 @@ class PruneConfig:
     seed: int = 0
     progress: Callable[..., Any] = field(default=lambda it, **kw: it)
     stop_check: Callable[[fx.GraphModule], str | None] | None = None  # e.g. a latency target
+    on_accept: Callable[..., None] | None = None  # (step, before, dg, plan, after, metrics): idap_fx.curve
+    start_step: int = 0  # schedule index to start at (idap_fx.curve resumes a replayed run)
 
 
 class PruneChannels(PassBase):
@@ -240,6 +242,8 @@ class PruneChannels(PassBase):
         modified = False
         bar = cfg.progress(range(cfg.schedule.steps), desc="prune_channels")
         for t in bar:
+            if t < cfg.start_step:
+                continue
             t0 = time.perf_counter()
             dg = analyze(current)
             self._time("analyze", t0)
@@ -277,6 +281,16 @@ class PruneChannels(PassBase):
                     )
                 )  # fmt: skip
                 if verdict.ok:
+                    if cfg.on_accept is not None:
+                        last = self.steps[-1]
+                        cfg.on_accept(
+                            t,
+                            current,
+                            dg,
+                            plan,
+                            cand,
+                            (last.macs, last.params, last.quality, last.budget_consumed),
+                        )
                     current, modified, accepted = cand, True, True
                     break
                 if attempt < cfg.backtracks and n_units > 1:

@@ -50,6 +50,7 @@ class SkipConfig:
     progress: Callable[..., Any] = field(default=lambda it, **kw: it)
     kinds: tuple[str, ...] = ("residual", "identity")
     max_units: int = 2
+    on_accept: Callable[..., None] | None = None  # (candidate, fit, model, metrics): idap_fx.curve
 
 
 class SkipLayers(PassBase):
@@ -151,6 +152,9 @@ class SkipLayers(PassBase):
             record |= {"macs_saved": macs - new_macs, "params_saved": params - new_params}
             self.trials.append(record)
             self.removed.append(record)
+            if cfg.on_accept is not None:
+                metrics = (new_macs, new_params, verdict.quality, verdict.consumed)
+                cfg.on_accept(cand, fits.get(cand.key), trial, metrics)
             current, quality, macs, params = trial, verdict.quality, new_macs, new_params
             cands, scores, fits = self._scored(current)
         if self.removed and (cfg.fine_tune is not None or cfg.train_loader is not None):
