@@ -36,6 +36,8 @@ class JobSummary:
     parity_rel_error: float
     top1_agreement: float | None
     threads: int
+    int8: dict[str, Any] | None = None  # idap_fx.quantize.QuantReport of the shipped int8 model
+    sweep_point: int | None = None  # with --sweep: the curve point shipped
 
 
 def top1_agreement(
@@ -74,22 +76,46 @@ def run_job(
     check_batches: Sequence[torch.Tensor] = (),
     latency: bool = True,
     opset: int | None = None,
+    int8: bool = False,
+    keep_fp32: Sequence[str] = (),
+    sweep: bool = False,
     **optimize_kwargs: Any,
 ) -> tuple[OptimizeResult, JobSummary]:
     """Optimize ``model``, export it to ``out``, measure it, write the reports; return result and summary.
 
+    ``int8``: ship a static int8 (QDQ) model, calibrated on the run's calibration data, with
+    ``--budget`` as its own output-deviation budget (layers that break it stay fp32).
+    ``sweep``: record every accepted step, write ``curve.csv`` / ``curve.png`` next to the
+    report and ship the fastest point (int8 latency with ``int8``) within the budget.
     Output paths are validated before any work, so a bad path fails in a second.
     """
     _check_writable(out)
     _check_writable(report)
-    res = optimize(model, example_inputs, **optimize_kwargs)
+    res = optimize(model, example_inputs, keep_snapshots=sweep, **optimize_kwargs)
     x = res.example_inputs
+    point = _sweep(res, report if report is not None else out, int8=int8, latency=latency) if sweep else None
     with tempfile.TemporaryDirectory(prefix="idap_fx_job_") as tmp:
         orig_export = export_onnx(res.original, x, os.path.join(tmp, "original.onnx"), opset=opset)
         opt_export = export_onnx(res.model, x, os.path.join(tmp, "optimized.onnx"), opset=opset)
+        quant, shipped = None, opt_export
+        if int8:
+            shipped = export_onnx(
+                res.model,
+                x,
+                os.path.join(tmp, "optimized.int8.onnx"),
+                opset=opset,
+                quantize="int8",
+                calibration=res.calibration or None,
+                keep_fp32=keep_fp32,
+                max_deviation=res.report.budget_limit
+                if res.report.budget_kind == "output_deviation"
+                else None,
+                latency=latency,
+            )
+            quant = shipped.quantization
         lat = (
             check_latency(
-                orig_export.path, opt_export.path, x, macs=(res.report.macs_before, res.report.macs_after)
+                orig_export.path, shipped.path, x, macs=(res.report.macs_before, res.report.macs_after)
             )
             if latency
             else None
@@ -97,12 +123,14 @@ def run_job(
         summary = JobSummary(
             macs=(res.report.macs_before, res.report.macs_after),
             params=(res.report.params_before, res.report.params_after),
-            onnx_bytes=(orig_export.onnx_bytes, opt_export.onnx_bytes),
+            onnx_bytes=(orig_export.onnx_bytes, shipped.onnx_bytes),
             latency_ms=(lat.original_median_ms, lat.optimized_median_ms) if lat else None,
             speedup=lat.speedup if lat else None,
             parity_rel_error=opt_export.max_rel_error,
             top1_agreement=top1_agreement(res.original, res.model, check_batches) if check_batches else None,
             threads=lat.threads if lat else 0,
+            int8=quant.to_dict() if quant else None,
+            sweep_point=point,
         )
         if report is not None:
             data = res.report.to_dict() | {"job": summary.__dict__, "latency": lat.to_dict() if lat else None}
@@ -115,11 +143,35 @@ def run_job(
                 if tmp_md is not None:
                     with open(tmp_md, "w") as f:
                         f.write(res.report.to_markdown() + "\n" + _summary_markdown(summary))
+                        f.write("\n" + quant.to_markdown() if quant else "")
         if out is not None:
             with main_output(out) as tmp_out:
                 if tmp_out is not None:
-                    os.replace(opt_export.path, tmp_out)
+                    os.replace(shipped.path, tmp_out)
     return res, summary
+
+
+def _sweep(res: OptimizeResult, near: str | os.PathLike[str], *, int8: bool, latency: bool) -> int:
+    """Measure the curve, write curve.csv / curve.png next to ``near``, make ``res`` the fastest point
+    within the budget (the most compressed one without latency); return its index."""
+    from idap_fx.curve import measure_curve, write_curve
+
+    points = measure_curve(res, latency=latency, int8=int8)
+    write_curve(points, os.path.dirname(os.path.abspath(os.fspath(near))), res.report.budget_kind)
+    limit = res.report.budget_limit if res.report.budget_kind == "output_deviation" else None
+    ok = [
+        p
+        for p in points[1:]
+        if limit is None or ((p.int8_deviation if int8 else p.deviation) or 0.0) <= limit
+    ] or points[-1:]
+    key = "int8_ms" if int8 else "fp32_ms"
+    best = min(ok, key=lambda p: getattr(p, key)) if latency else ok[-1]
+    res.model = res.snapshots.model(res.original, best.index)
+    res.report.macs_after, res.report.params_after = best.macs, best.params
+    res.report.notes.append(
+        f"--sweep shipped curve point {best.index} of {len(points) - 1} (fastest within budget; curve.csv)"
+    )
+    return best.index
 
 
 def _summary_markdown(s: JobSummary) -> str:

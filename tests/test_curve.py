@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -93,5 +95,5 @@ def test_curve_measures_latency_and_int8(tmp_path) -> None:
     assert points[0].macs == res.report.macs_before and points[-1].macs == res.report.macs_after
     assert all(p.fp32_ms > 0 and p.int8_ms > 0 and p.int8_bytes < p.fp32_bytes for p in points)
     csv_path, png_path = write_curve(points, tmp_path, "output_deviation")
-    assert open(csv_path).read().count("\n") == len(points) + 1
-    assert open(png_path, "rb").read(4) == b"\x89PNG"
+    assert Path(csv_path).read_text().count("\n") == len(points) + 1
+    assert Path(png_path).read_bytes()[:4] == b"\x89PNG"
