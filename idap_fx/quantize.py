@@ -368,8 +368,9 @@ def export_int8(
     batches = list(calibration) if calibration is not None else []
     if not batches:
         warnings.warn(
-            "int8 calibration falls back to the example inputs: activation ranges from one batch are "
-            "rarely representative; pass calibration= (the data the pruning used)",
+            "int8 calibration falls back to the example inputs (no calibration data given): activation "
+            "ranges from one batch are rarely representative, and meaningless if it is random noise; "
+            "pass calibration= (the data the pruning used)",
             stacklevel=3,
         )
         batches = [tuple(example_inputs)]

