@@ -33,7 +33,7 @@ from idap_fx.errors import BudgetError, IdapError
 from idap_fx.surgery import prune
 from idap_fx.trace import record_shapes, trace
 
-__all__ = ["CurvePoint", "Snapshot", "Snapshots", "measure_curve", "write_curve"]
+__all__ = ["CurvePoint", "Snapshot", "Snapshots", "measure_curve", "ship_fastest", "write_curve"]
 
 
 @dataclass
@@ -252,3 +252,24 @@ def write_curve(points: list[CurvePoint], directory: str | os.PathLike[str], kin
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
     return csv_path, png_path
+
+
+def ship_fastest(res: Any, near: str | os.PathLike[str], *, int8: bool, latency: bool) -> int:
+    """Measure the curve, write curve.csv / curve.png next to ``near``, make ``res`` the fastest point
+    within the budget (the most compressed one without latency); return its index."""
+    points = measure_curve(res, latency=latency, int8=int8)
+    write_curve(points, os.path.dirname(os.path.abspath(os.fspath(near))), res.report.budget_kind)
+    limit = res.report.budget_limit if res.report.budget_kind == "output_deviation" else None
+    ok = [
+        p
+        for p in points[1:]
+        if limit is None or ((p.int8_deviation if int8 else p.deviation) or 0.0) <= limit
+    ] or points[-1:]
+    key = "int8_ms" if int8 else "fp32_ms"
+    best = min(ok, key=lambda p: getattr(p, key)) if latency else ok[-1]
+    res.model = res.snapshots.model(res.original, best.index)
+    res.report.macs_after, res.report.params_after = best.macs, best.params
+    res.report.notes.append(
+        f"--sweep shipped curve point {best.index} of {len(points) - 1} (fastest within budget; curve.csv)"
+    )
+    return best.index

@@ -17,11 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from idap_fx.curve import ship_fastest
 from idap_fx.distributed import main_output
 from idap_fx.errors import ExportError
 from idap_fx.export import export_onnx
 from idap_fx.latency import check_latency
 from idap_fx.optimize import OptimizeResult, optimize
+from idap_fx.quantize import export_job_int8
 
 
 @dataclass
@@ -93,26 +95,16 @@ def run_job(
     _check_writable(report)
     res = optimize(model, example_inputs, keep_snapshots=sweep, **optimize_kwargs)
     x = res.example_inputs
-    point = _sweep(res, report if report is not None else out, int8=int8, latency=latency) if sweep else None
+    point = (
+        ship_fastest(res, report if report is not None else out, int8=int8, latency=latency)
+        if sweep
+        else None
+    )
     with tempfile.TemporaryDirectory(prefix="idap_fx_job_") as tmp:
         orig_export = export_onnx(res.original, x, os.path.join(tmp, "original.onnx"), opset=opset)
         opt_export = export_onnx(res.model, x, os.path.join(tmp, "optimized.onnx"), opset=opset)
-        quant, shipped = None, opt_export
-        if int8:
-            shipped = export_onnx(
-                res.model,
-                x,
-                os.path.join(tmp, "optimized.int8.onnx"),
-                opset=opset,
-                quantize="int8",
-                calibration=res.calibration or None,
-                keep_fp32=keep_fp32,
-                max_deviation=res.report.budget_limit
-                if res.report.budget_kind == "output_deviation"
-                else None,
-                latency=latency,
-            )
-            quant = shipped.quantization
+        shipped = export_job_int8(res, tmp, opset, keep_fp32, latency) if int8 else opt_export
+        quant = shipped.quantization
         lat = (
             check_latency(
                 orig_export.path, shipped.path, x, macs=(res.report.macs_before, res.report.macs_after)
@@ -149,29 +141,6 @@ def run_job(
                 if tmp_out is not None:
                     os.replace(shipped.path, tmp_out)
     return res, summary
-
-
-def _sweep(res: OptimizeResult, near: str | os.PathLike[str], *, int8: bool, latency: bool) -> int:
-    """Measure the curve, write curve.csv / curve.png next to ``near``, make ``res`` the fastest point
-    within the budget (the most compressed one without latency); return its index."""
-    from idap_fx.curve import measure_curve, write_curve
-
-    points = measure_curve(res, latency=latency, int8=int8)
-    write_curve(points, os.path.dirname(os.path.abspath(os.fspath(near))), res.report.budget_kind)
-    limit = res.report.budget_limit if res.report.budget_kind == "output_deviation" else None
-    ok = [
-        p
-        for p in points[1:]
-        if limit is None or ((p.int8_deviation if int8 else p.deviation) or 0.0) <= limit
-    ] or points[-1:]
-    key = "int8_ms" if int8 else "fp32_ms"
-    best = min(ok, key=lambda p: getattr(p, key)) if latency else ok[-1]
-    res.model = res.snapshots.model(res.original, best.index)
-    res.report.macs_after, res.report.params_after = best.macs, best.params
-    res.report.notes.append(
-        f"--sweep shipped curve point {best.index} of {len(points) - 1} (fastest within budget; curve.csv)"
-    )
-    return best.index
 
 
 def _summary_markdown(s: JobSummary) -> str:
