@@ -47,6 +47,15 @@ def _same(a: nn.Module, b: nn.Module) -> None:
     assert a.code == b.code
 
 
+def test_curve_point_equals_separate_run_stage1() -> None:
+    model, x, cal, kw = _setup()
+    kw["passes"] = ["prune_channels"]
+    res = idap_fx.optimize(model, x, target_macs=0.3, keep_snapshots=True, **kw)
+    _same(res.snapshots.model(res.original, len(res.snapshots.items)), res.model)
+    _same(res.at(target_macs=0.5), idap_fx.optimize(model, x, target_macs=0.5, **kw).model)
+
+
+@pytest.mark.slow
 def test_curve_point_equals_separate_runs() -> None:
     model, x, cal, kw = _setup()
     res = idap_fx.optimize(model, x, target_macs=0.3, keep_snapshots=True, **kw)
@@ -68,6 +77,7 @@ def test_replay_holds_one_model_at_a_time() -> None:
     import weakref
 
     model, x, cal, kw = _setup()
+    kw["passes"] = ["prune_channels"]
     res = idap_fx.optimize(model, x, target_macs=0.3, keep_snapshots=True, **kw)
     refs = []
     for m in res.snapshots.replay(res.original):
@@ -85,7 +95,8 @@ def test_keep_snapshots_refuses_training_recovery() -> None:
         idap_fx.optimize(model, x, target_macs=0.5, keep_snapshots=True, fine_tune=lambda m, t: None, **kw)
 
 
-def test_curve_measures_latency_and_int8(tmp_path) -> None:
+@pytest.mark.slow
+def test_curve_measures_latency_and_int8(tmp_path: Path) -> None:
     from idap_fx.curve import measure_curve, write_curve
 
     model, x, cal, kw = _setup()
