@@ -16,12 +16,14 @@ import argparse
 
 import torch
 import torchvision
-from idap_fx.passes.skip_layers import SkipConfig, SkipLayers
+from idap_fx.passes.base import PassContext
+from idap_fx.passes.skip_layers import SkipLayers
 
 import idap_fx
 from idap_fx.budget import Budget
 from idap_fx.latency import check_latency
 from idap_fx.metrics import count_macs
+from idap_fx.options import SkipOptions
 
 
 def main() -> None:
@@ -36,16 +38,11 @@ def main() -> None:
     calib = [torch.randn(2, 3, args.size, args.size) for _ in range(2)]
     gm = idap_fx.trace(torchvision.models.resnet50(weights=None), x)
     skip = SkipLayers(
-        SkipConfig(
-            example_inputs=(x,),
-            calibration=calib,
-            budget=Budget(gm, None, calib[:1]),
-            max_skips=3,
-            kinds=("residual",),
-        )
+        PassContext(example_inputs=(x,), calibration=calib, budget=Budget(gm, None, calib[:1])),
+        SkipOptions(max_skips=3, kinds=("residual",)),
     )
     skipped = skip(gm).graph_module
-    for r in skip.removed:
+    for r in skip.record.removed:
         print(f"skipped {r['name']:<24} score {r['score']:.4f}  MACs saved {r['macs_saved'] / 1e6:.1f} M")
     macs0, macs1 = count_macs(gm, x), count_macs(skipped, x)
     print(f"MACs {macs0 / 1e9:.3f} G -> {macs1 / 1e9:.3f} G ({macs1 / macs0:.3f})")

@@ -25,8 +25,9 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from idap_fx.distributed import all_sum
+from idap_fx.collective import reducer
 from idap_fx.errors import BudgetError
+from idap_fx.options import budget_limit
 from idap_fx.stats import batch_args
 
 
@@ -57,9 +58,7 @@ class Budget:
         holdout: Sequence[Any],
         evaluate: Callable[[nn.Module], float] | None = None,
     ) -> None:
-        if limit is not None and (not isinstance(limit, (int, float)) or math.isnan(limit) or limit < 0):
-            raise BudgetError(f"budget must be None or a number >= 0, got {limit!r}")
-        self.limit = limit
+        self.limit = budget_limit(limit)
         self.evaluate = evaluate
         self.holdout = list(holdout)
         self.kind = "off" if limit is None else ("evaluate" if evaluate is not None else "output_deviation")
@@ -83,7 +82,7 @@ class Budget:
             for r, g in zip(ref, got, strict=True):
                 num += (r - g).pow(2).sum().item()
                 den += r.pow(2).sum().item()
-        num, den = all_sum([num, den])
+        num, den = reducer().all_sum([num, den])
         if den == 0.0:
             return 0.0 if num == 0.0 else math.inf
         return num / den if not math.isnan(num) else math.inf

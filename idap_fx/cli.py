@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from idap_fx.errors import AnalysisError, BudgetError, ExportError, IdapError, TraceError
+from idap_fx.files import check_writable
+from idap_fx.options import CLI_ROUND_TO, Goal, PruneOptions
 
 EXIT_USAGE, EXIT_BUDGET, EXIT_EXPORT, EXIT_ANALYSIS, EXIT_OTHER = 2, 3, 4, 5, 1
 
@@ -123,13 +125,13 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--target-macs", type=float, help="fraction of the original MACs to keep, e.g. 0.5")
     o.add_argument("--target-params", type=float, help="fraction of the original parameters to keep")
     o.add_argument(
-        "--budget", type=_budget, default=0.05, help="label-free output-deviation budget, or 'none'"
+        "--budget", type=_budget, default=Goal().budget, help="label-free output-deviation budget, or 'none'"
     )
     o.add_argument("--passes", default="prune_channels", help="comma-separated: prune_channels,skip_layers")
-    o.add_argument("--importance", default="divergence", help="divergence, l1, bn_scale, random")
+    o.add_argument("--importance", default=PruneOptions().importance, help="divergence, l1, bn_scale, random")
     o.add_argument("--calibration", help="folder of images, or a .pt/.npy tensor file")
     o.add_argument(
-        "--round-to", type=int, default=8, help="keep widths multiples of this (8: fast ONNX Runtime convs)"
+        "--round-to", type=int, default=CLI_ROUND_TO, help="keep widths multiples of this (8: fast ORT convs)"
     )
     o.add_argument("--opset", type=int, default=None)
     o.add_argument("--out", default="model.onnx", help="ONNX output path")
@@ -158,9 +160,10 @@ def _optimize(args: argparse.Namespace) -> int:
     from idap_fx.pipeline import run_job, summary_table
 
     for path in (args.out, args.report):
-        directory = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
-            raise UsageError(f"cannot write {path}: {directory} is missing or not writable")
+        try:
+            check_writable(path)
+        except ExportError as exc:  # a bad path is bad input (exit 2), not an export failure
+            raise UsageError(str(exc)) from None
     model = load_model(args.model)
     x = torch.randn(*args.input_shape)
     cal = load_calibration(args.calibration, args.input_shape) if args.calibration else None
@@ -170,9 +173,7 @@ def _optimize(args: argparse.Namespace) -> int:
         out=args.out,
         report=args.report,
         calibration=cal,
-        target_macs=args.target_macs,
-        target_params=args.target_params,
-        budget=args.budget,
+        goal=Goal(target_macs=args.target_macs, target_params=args.target_params, budget=args.budget),
         passes=[p.strip() for p in args.passes.split(",") if p.strip()],
         importance=args.importance,
         round_to=args.round_to,

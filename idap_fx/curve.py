@@ -68,16 +68,15 @@ class CurvePoint:
 
 
 class Snapshots:
-    """The records of one run and what is needed to replay them (configs, inputs, budget checker)."""
+    """The records of one run and what replaying them needs (the run's pass context and options)."""
 
-    def __init__(self, inputs: tuple[Any, ...], seed: int) -> None:
-        self.inputs = inputs
-        self.seed = seed
+    def __init__(self, ctx: Any, options: list[Any]) -> None:
+        self.ctx = ctx
+        self.options = options
+        self.inputs = ctx.example_inputs
+        self.checker = ctx.budget
         self.items: list[Snapshot] = []
         self.metrics: list[tuple[int, int, float, float]] = []  # (macs, params, quality, consumed) per item
-        self.prune_cfg: Any = None
-        self.skip_cfg: Any = None
-        self.checker: Any = None
         self.steps: list[dict[str, Any]] = []  # the report's stage-1 step records (every attempt)
 
     @property
@@ -99,9 +98,7 @@ class Snapshots:
         self.items.append(Snapshot("prune_channels", step, {g: list(v) for g, v in plan.items()}, changed))
         self.metrics.append(metrics)
 
-    def on_skip(
-        self, candidate: Any, fit: torch.Tensor | None, after: fx.GraphModule, metrics: tuple
-    ) -> None:
+    def on_skip(self, candidate: Any, fit: torch.Tensor | None, metrics: tuple) -> None:
         """Stage-2 hook: the removed candidate (and a projection's fit)."""
         fit = fit.detach().clone() if fit is not None else None
         self.items.append(Snapshot("skip_layers", len(self.items), candidate=candidate, fit=fit))
@@ -137,33 +134,29 @@ class Snapshots:
 
     def at(self, original: fx.GraphModule, target_macs: float | None, target_params: float | None) -> Any:
         """The model a separate run with these targets returns (see the module docstring)."""
-        from idap_fx.passes.prune_channels import PruneChannels
+        from idap_fx.passes import PASSES
 
-        if self.prune_cfg is None:
-            raise IdapError("at() needs a run with stage 1 (prune_channels) and keep_snapshots=True")
-        if target_macs is None and target_params is None:
+        names = [o.pass_name for o in self.options]
+        if not names or names[0] != "prune_channels":
+            raise IdapError(f"at() needs a run whose first pass is prune_channels (this one ran {names})")
+        goal = dataclasses.replace(self.ctx.goal, target_macs=target_macs, target_params=target_params)
+        if not goal.has_target:
             raise IdapError("at() needs target_macs and/or target_params")
-        cfg = dataclasses.replace(
-            self.prune_cfg, target_macs=target_macs, target_params=target_params, on_accept=None
-        )
-        probe = PruneChannels(cfg)
-        cross = next((s["step"] for s in self.steps if probe._reached(s["macs"], s["params"])), None)
+        ctx = dataclasses.replace(self.ctx, goal=goal, recorder=None)
+        passes = [PASSES[o.pass_name].pass_class(ctx, o) for o in self.options]
+        cross = next((s["step"] for s in self.steps if passes[0]._reached(s["macs"], s["params"])), None)
         if cross is None:
             raise BudgetError(
                 f"no step of this run reached target_macs={target_macs} target_params={target_params}; "
-                f"the most compressed point is the run's own model"
+                "the most compressed point within budget is the run's own model"
             )
         before = sum(1 for s in self.items if s.stage == "prune_channels" and s.step < cross)
         model = self.model(original, before)
+        passes[0].start_step = cross
         with torch.random.fork_rng():
-            torch.manual_seed(self.seed)
-            model = PruneChannels(dataclasses.replace(cfg, start_step=cross)).call(model).graph_module
-            if self.skip_cfg is not None:
-                from idap_fx.passes.skip_layers import SkipLayers
-
-                model = (
-                    SkipLayers(dataclasses.replace(self.skip_cfg, on_accept=None)).call(model).graph_module
-                )
+            torch.manual_seed(self.ctx.seed)
+            for p in passes:
+                model = p(model).graph_module
         model.eval()
         return model
 
@@ -218,8 +211,7 @@ def measure_curve(result: Any, *, latency: bool = True, int8: bool = False) -> l
 
 def checker_batches(snaps: Snapshots) -> list[Any]:
     """The calibration batches the run scored on, then its held-out ones (int8 calibration + cost check)."""
-    cal = list(snaps.prune_cfg.calibration if snaps.prune_cfg is not None else snaps.skip_cfg.calibration)
-    return cal + list(snaps.checker.holdout)
+    return list(snaps.ctx.calibration) + list(snaps.checker.holdout)
 
 
 def write_curve(points: list[CurvePoint], directory: str | os.PathLike[str], kind: str) -> tuple[str, str]:

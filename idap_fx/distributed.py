@@ -24,14 +24,15 @@ import contextlib
 import datetime
 import os
 import pickle
-import secrets
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from idap_fx.collective import device, initialised, reducer
 from idap_fx.errors import IdapError
+from idap_fx.files import atomic_output
 
 _PREFIX = "idap_fx/fail_fast"
 
@@ -42,7 +43,7 @@ class DistributedError(IdapError):
 
 def is_distributed() -> bool:
     """Whether a default ``torch.distributed`` process group is initialised in this process."""
-    return dist.is_available() and dist.is_initialized()
+    return initialised()
 
 
 def rank() -> int:
@@ -62,14 +63,6 @@ def is_main() -> bool:
 
 def _delta(seconds: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
-
-
-def _device() -> torch.device:
-    """Where collective tensors must live: the current GPU for NCCL-only groups, else the CPU."""
-    backend = str(dist.get_backend())
-    if "nccl" in backend and "gloo" not in backend:
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def barrier(timeout: float = 300.0, what: str = "barrier") -> None:
@@ -93,11 +86,7 @@ def barrier(timeout: float = 300.0, what: str = "barrier") -> None:
 
 def all_sum(values: Sequence[float]) -> list[float]:
     """``values`` summed element-wise over every rank (unchanged when not distributed), in float64."""
-    if not is_distributed():
-        return [float(v) for v in values]
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_device())
-    dist.all_reduce(t)
-    return t.tolist()
+    return reducer().all_sum(values)
 
 
 def check_same(value: Any, what: str) -> None:
@@ -113,7 +102,7 @@ def check_same(value: Any, what: str) -> None:
 
 def _agree(error: str | None, timeout: float | None) -> dict[int, str]:
     """Exchange a per-rank error (or None); return the errors of every rank that had one."""
-    flag = torch.tensor([0.0 if error is None else 1.0], device=_device())
+    flag = torch.tensor([0.0 if error is None else 1.0], device=device())
     work = dist.all_reduce(flag, async_op=True)
     try:
         if timeout is None:
@@ -136,25 +125,6 @@ def _describe(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _temporary_next_to(path: str | os.PathLike[str]) -> Iterator[str]:
-    """A fresh temporary file beside ``path``, moved onto it only if the block succeeds."""
-    target = os.path.abspath(os.fspath(path))
-    directory, name = os.path.split(target)
-    tmp = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.tmp")
-    try:  # 0o666 and the umask: the file gets the permissions a plain open() would give it
-        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-    except OSError as exc:
-        raise IdapError(f"cannot write {target}: {exc.strerror} in {directory}") from exc
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-
-
-@contextlib.contextmanager
 def main_output(path: str | os.PathLike[str], *, timeout: float | None = None) -> Iterator[str | None]:
     """Rank 0 writes ``path``; every rank enters the block, the others get ``None``.
 
@@ -167,14 +137,14 @@ def main_output(path: str | os.PathLike[str], *, timeout: float | None = None) -
     group's timeout). Without ``torch.distributed`` it is a plain atomic write.
     """
     if not is_distributed():
-        with _temporary_next_to(path) as tmp:
+        with atomic_output(path) as tmp:
             yield tmp
         return
     with contextlib.ExitStack() as stack:
         tmp, error = None, None
         if is_main():
             try:
-                tmp = stack.enter_context(_temporary_next_to(path))
+                tmp = stack.enter_context(atomic_output(path))
             except IdapError as exc:
                 error = exc
         failed = _agree(None if error is None else _describe(error), timeout)

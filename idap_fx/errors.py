@@ -18,6 +18,10 @@ class IdapError(Exception):
     """
 
 
+class OptionError(IdapError, ValueError):
+    """An option of ``optimize`` (or the CLI) has a bad value or an unknown name; the message names it."""
+
+
 class TraceError(IdapError):
     """The model could not be captured as an fx graph.
 

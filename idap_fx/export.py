@@ -5,9 +5,8 @@ GraphModules), exports it, runs ``onnx.checker`` and compares onnxruntime's
 outputs with torch's on the example inputs (and, with a dynamic batch axis, on
 those inputs doubled along the batch, which catches exporters that silently bake
 the example batch size into the graph). Only a model that passes every check
-reaches ``path``: the file is written next to it under a temporary name and
-moved into place with ``os.replace``, so an interrupted or failed export leaves
-no file behind and never clobbers an existing one.
+reaches ``path`` (``idap_fx.files.atomic_output``), so an interrupted or failed
+export leaves no file behind and never clobbers an existing one.
 
 Exporter: the TorchScript-based exporter (``dynamo=False``) is the default
 (``exporter="auto"``), except for graphs of ATen ops (GraphModules that come from
@@ -26,13 +25,11 @@ need ONNX external data) and non-tensor example inputs.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
-import secrets
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -44,9 +41,10 @@ from torch import fx
 from torch.utils._pytree import tree_leaves
 
 from idap_fx.errors import ExportError, ParityError
+from idap_fx.files import atomic_output
 from idap_fx.passes.fold_bn import FoldBatchNorm
 
-__all__ = ["DEFAULT_EXPORTER", "ExportReport", "atomic_output", "export_onnx", "onnx_feed"]
+__all__ = ["DEFAULT_EXPORTER", "ExportReport", "export_onnx", "onnx_feed"]
 
 Exporter = Literal["auto", "torchscript", "dynamo"]
 DEFAULT_EXPORTER: Exporter = "auto"
@@ -71,39 +69,6 @@ class ExportReport:
     quantization: Any = (
         None  # idap_fx.quantize.QuantReport for quantize="int8" (parity fields: the fp32 graph)
     )
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike[str]) -> Iterator[str]:
-    """Yield a fresh temporary path next to ``path``; move it onto ``path`` only if the block succeeds.
-
-    The directory is checked (by creating the temporary file) on entry, so a
-    missing or read-only directory, or a ``path`` that is a directory, raises
-    ``ExportError`` naming ``path`` before any work is done.
-    On any exception, KeyboardInterrupt included, the temporary file is removed
-    and ``path`` is left as it was.
-    """
-    target = os.path.abspath(os.fspath(path))
-    directory, name = os.path.split(target)
-    if not os.path.isdir(directory):
-        raise ExportError(f"cannot write {target}: directory {directory} does not exist")
-    if os.path.isdir(target):
-        raise ExportError(f"cannot write {target}: it is a directory")
-    tmp = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.tmp")
-    try:
-        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-    except OSError as e:
-        raise ExportError(f"cannot write {target}: {e.strerror} in {directory}") from e
-    try:
-        yield tmp
-        try:
-            os.replace(tmp, target)
-        except OSError as e:
-            raise ExportError(f"cannot write {target}: {e.strerror}") from e
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
 
 
 def _as_inputs(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:

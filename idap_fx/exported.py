@@ -18,7 +18,7 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from idap_fx.errors import TraceError
-from idap_fx.trace import record_shapes
+from idap_fx.shapes import record_shapes
 
 
 def _flat_inputs(example_inputs: Any) -> tuple[Any, ...]:

@@ -12,9 +12,9 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import fx
 
+from idap_fx.collective import reducer
 from idap_fx.layers import EPS, Candidate
 from idap_fx.stats import batch_args
 
@@ -93,9 +93,7 @@ class LayerStats(fx.Interpreter):
         with torch.no_grad():
             for batch in batches:
                 self.run(*batch_args(batch))
-        if dist.is_available() and dist.is_initialized():
-            for t in [*self.ratio.values(), *(t for nm in self.normal.values() for t in nm.state())]:
-                dist.all_reduce(t)
+        reducer().all_sum_([*self.ratio.values(), *(t for nm in self.normal.values() for t in nm.state())])
 
     def scores(self) -> dict[tuple[str, str, str], float]:
         """Layer divergence per candidate key (lower = carries less flow = removed first)."""

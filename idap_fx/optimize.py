@@ -1,36 +1,35 @@
 """``idap_fx.optimize``: trace → analyze → score → rewrite, under a budget, with an honest report.
 
-The passes named in ``passes`` run in order under ``torch.fx.passes.infra``'s
-``PassManager`` (each a ``PassBase`` with requires / call / ensures). The caller's model
-is deep-copied by ``trace`` and never touched; ``OptimizeResult.original`` is that copy.
+The options (``idap_fx.options``: ``Goal``, ``Recovery``, one ``PassOptions`` per pass) are
+resolved first, so bad ones fail before any work; the passes (``idap_fx.passes.PASSES``) then
+run in order on one shared ``PassContext`` and each returns a ``PassRecord`` the report is
+built from. The caller's model is deep-copied by ``trace`` and never touched;
+``OptimizeResult.original`` is that copy.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.infra.pass_manager import PassManager
 from tqdm.auto import tqdm
 
-from idap_fx.analysis import analyze
 from idap_fx.budget import Budget
-from idap_fx.errors import BudgetError, IdapError
+from idap_fx.errors import BudgetError, IdapError, OptionError
 from idap_fx.metrics import count_macs, count_params
+from idap_fx.options import Goal, PassOptions, Recovery, build, split_shorthands
+from idap_fx.passes import PASSES
+from idap_fx.passes.base import PassContext, PassRecord, run_passes
 from idap_fx.report import OptimizeReport
-from idap_fx.schedule import Schedule, get_schedule
-from idap_fx.scoring import Importance, get_importance
 from idap_fx.stats import batch_args
 from idap_fx.trace import trace
-
-PASSES = ("prune_channels", "skip_layers")
 
 
 @dataclass
@@ -74,18 +73,6 @@ class OptimizeResult:
 
         kwargs.setdefault("macs", (self.report.macs_before, self.report.macs_after))
         return check_latency(self.original, self.model, self.example_inputs, **kwargs)
-
-
-def _fraction(name: str, value: float | None) -> float | None:
-    if value is None:
-        return None
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
-        raise BudgetError(f"{name} must be a fraction of the original in (0, 1), got {value!r}")
-    if not 0 < value < 1:
-        raise BudgetError(
-            f"{name}={value} is impossible: give the fraction of the original to keep, in (0, 1)"
-        )
-    return float(value)
 
 
 def _batches(
@@ -141,168 +128,97 @@ def _check_weights(gm: fx.GraphModule, fix: str = "fix the model's weights befor
             raise IdapError(f"{name} contains NaN or Inf: {fix}")
 
 
+def resolve_options(
+    goal: Goal | None,
+    recovery: Recovery | None,
+    passes: Sequence[str | PassOptions] | None,
+    shorthands: dict[str, Any],
+) -> tuple[Goal, Recovery, list[PassOptions]]:
+    """The option objects of one run: those given, or built from the flat keywords (not both).
+
+    ``passes`` holds pass names and / or ``PassOptions`` objects; a name gets its options from
+    the keywords. Keywords for a pass that does not run are validated, then ignored.
+    """
+    per_class = split_shorthands(shorthands, [Goal, Recovery, *(s.options_class for s in PASSES.values())])
+    goal_ = build(Goal, goal, per_class.pop(Goal, {}), "goal")
+    recovery_ = build(Recovery, recovery, per_class.pop(Recovery, {}), "recovery")
+    named = {
+        spec.options_class: spec.options_class(**per_class.get(spec.options_class, {}))
+        for spec in PASSES.values()
+    }
+    chosen: list[PassOptions] = []
+    for p in ("prune_channels",) if passes is None else passes:
+        if isinstance(p, str):
+            if p not in PASSES:
+                raise OptionError(f"unknown pass(es) {[p]}; available: {list(PASSES)}")
+            chosen.append(named[PASSES[p].options_class])
+        elif isinstance(p, PassOptions) and p.pass_name in PASSES:
+            chosen.append(build(type(p), p, per_class.get(type(p), {}), f"passes[{p.pass_name}]"))
+        else:
+            raise OptionError(f"passes must hold pass names or PassOptions objects, got {p!r}")
+    for opts in chosen:
+        opts.validate_with(goal_)
+    return goal_, recovery_, chosen
+
+
 def optimize(
     traced_graph: nn.Module,
     example_inputs: Any,
     *,
     calibration: Iterable[Any] | None = None,
-    target_macs: float | None = None,
-    target_params: float | None = None,
-    target_latency: float | None = None,
-    budget: float | None = 0.05,
-    evaluate: Callable[[nn.Module], float] | None = None,
-    fine_tune: Callable[[nn.Module, nn.Module], Any] | None = None,
-    train_loader: Iterable[Any] | None = None,
-    distill_steps: int | None = None,
-    passes: Sequence[str] | None = None,
-    importance: str | Importance = "divergence",
-    schedule: str | Schedule | None = None,
-    min_channels: int = 1,
-    round_to: int = 1,
-    ranking: str = "group",
-    prune_inexact: bool = False,
-    compensation: bool = True,
-    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
-    max_skips: int = 5,
-    tau_layer: float | None = None,
-    skip_projection: bool = False,
+    goal: Goal | None = None,
+    recovery: Recovery | None = None,
+    passes: Sequence[str | PassOptions] | None = None,
     quiet: bool | None = None,
-    strict: bool = True,
     seed: int = 0,
     keep_snapshots: bool = False,
+    **options: Any,
 ) -> OptimizeResult:
-    """Prune ``traced_graph`` (a GraphModule or nn.Module) toward the targets within ``budget``.
+    """Prune ``traced_graph`` (a GraphModule or nn.Module) toward the goal within its budget.
 
-    Targets are fractions of the original to keep (``target_macs=0.5``: half the MACs);
-    ``target_latency`` is in milliseconds of ONNX Runtime CPU latency. Without any target,
-    pruning continues while the budget holds. With ``strict`` (default) an unreached target
-    raises ``BudgetError`` whose ``.result`` holds the most compressed model within budget.
+    ``goal`` (``Goal``: targets, budget, ``evaluate``, ``strict``), ``recovery`` (``Recovery``)
+    and ``passes`` (names or ``PassOptions``, default ``("prune_channels",)``) are in
+    ``idap_fx.options``; every field of them is also a flat keyword (``target_macs=0.5``,
+    ``budget=0.05``, ``round_to=8``, ``max_skips=2``, ``train_loader=...``). Targets are
+    fractions of the original to keep; without any, pruning continues while the budget holds.
+    With ``strict`` (default) an unreached target raises ``BudgetError`` whose ``.result``
+    holds the most compressed model within budget. ``keep_snapshots`` records every accepted
+    step's plan (``result.at``, ``result.curve``; ``idap_fx.curve``).
     """
-    phases: dict[str, float] = {}
-    t0 = time.perf_counter()
-    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    gm = trace(traced_graph, inputs)
-    phases["trace"] = time.perf_counter() - t0
-    _check_weights(gm)
-    target_macs = _fraction("target_macs", target_macs)
-    target_params = _fraction("target_params", target_params)
-    if target_latency is not None and not (isinstance(target_latency, (int, float)) and target_latency > 0):
-        raise IdapError(f"target_latency must be a positive number of milliseconds, got {target_latency!r}")
-    names = tuple(passes) if passes is not None else ("prune_channels",)
-    unknown = [p for p in names if p not in PASSES]
-    if unknown:
-        raise IdapError(f"unknown pass(es) {unknown}; available: {list(PASSES)}")
-    no_goal = budget is None and target_macs is None and target_params is None and target_latency is None
-    if no_goal and "prune_channels" in names:  # stage 2 alone is bounded by max_skips
-        raise IdapError(
-            "nothing to aim for: give a target (target_macs / target_params / target_latency) or a budget"
-        )
-    if ranking not in ("group", "global"):
-        raise IdapError(f"ranking must be 'group' or 'global', got {ranking!r}")
-    if keep_snapshots and (fine_tune is not None or train_loader is not None):
+    goal_, recovery_, chosen = resolve_options(goal, recovery, passes, options)
+    if keep_snapshots and recovery_.trains:
         raise IdapError(
             "keep_snapshots replays plans and compensated biases; training recovery (fine_tune / "
             "train_loader) changes every weight, so its steps cannot be replayed without model copies"
         )
-    batches = _batches(calibration, inputs, gm)
-    score_batches, holdout, note = _split_holdout(batches)
-    notes = [note] if note else []
-    original = gm
-    working = trace(gm, inputs)  # a second copy: the passes never touch ``original``
-    t0 = time.perf_counter()
-    checker = Budget(original, budget, holdout, evaluate)
-    phases["baseline"] = time.perf_counter() - t0
-    macs0, params0 = count_macs(original, inputs), count_params(original)
-    show = not quiet if quiet is not None else sys.stderr.isatty()
-
-    def progress(it: Iterable[Any], **kw: Any) -> Iterable[Any]:
-        return tqdm(it, disable=not show, leave=False, **kw)
-
-    snaps = None
+    phases: dict[str, float] = {}
+    inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    with _timed(phases, "trace"):
+        original = trace(traced_graph, inputs)
+    _check_weights(original)
+    ctx, notes = _context(original, inputs, calibration, goal_, recovery_, seed, quiet, phases)
     if keep_snapshots:
         from idap_fx.curve import Snapshots
 
-        snaps = Snapshots(inputs, seed)
-        snaps.checker = checker
-    stop_check = None
-    if target_latency is not None:
-        stop_check = _latency_stop(original, inputs, target_latency)
-    from idap_fx.passes.prune_channels import PruneChannels, PruneConfig
-
-    pass_objs = []
-    crit = get_importance(importance)
-    for name in names:
-        if name == "prune_channels":
-            cfg = PruneConfig(
-                example_inputs=inputs,
-                calibration=score_batches,
-                budget=checker,
-                schedule=get_schedule(schedule, final=1 - math.sqrt(target_macs or target_params or 0.25)),
-                importance=crit,
-                macs0=macs0,
-                params0=params0,
-                target_macs=target_macs,
-                target_params=target_params,
-                min_channels=min_channels,
-                round_to=round_to,
-                ranking=ranking,
-                prune_inexact=prune_inexact,
-                compensation=(fine_tune is None and train_loader is None)
-                if compensation is None
-                else compensation,
-                fine_tune=fine_tune,
-                train_loader=train_loader,
-                distill_steps=distill_steps,
-                loss_fn=loss_fn,
-                seed=seed,
-                progress=progress,
-                stop_check=stop_check,
-                on_accept=snaps.on_prune if snaps else None,
-            )
-            if snaps:
-                snaps.prune_cfg = cfg
-            pass_objs.append(PruneChannels(cfg))
-        else:
-            from idap_fx.passes.skip_layers import SkipConfig, SkipLayers
-
-            skip_cfg = SkipConfig(
-                example_inputs=inputs,
-                calibration=score_batches,
-                budget=checker,
-                max_skips=max_skips,
-                tau_layer=tau_layer,
-                kinds=("residual", "identity", "projection") if skip_projection else ("residual", "identity"),
-                fine_tune=fine_tune,
-                train_loader=train_loader,
-                distill_steps=distill_steps,
-                progress=progress,
-                on_accept=snaps.on_skip if snaps else None,
-            )
-            if snaps:
-                snaps.skip_cfg = skip_cfg
-            pass_objs.append(SkipLayers(skip_cfg))
-    t0 = time.perf_counter()
-    try:
-        with (
-            torch.random.fork_rng()
-        ):  # reproducible (adapter init, shuffles) without touching the caller's RNG
-            torch.manual_seed(seed)
-            result = PassManager(passes=pass_objs)(working)
-    except Exception as exc:  # PassManager wraps every failure in a bare Exception: surface the real one
-        raise (exc.__cause__ if isinstance(exc.__cause__, Exception) else exc) from None
-    finally:
-        phases["passes"] = time.perf_counter() - t0
-    model = result.graph_module
+        ctx.recorder = Snapshots(ctx, chosen)
+    working = trace(original, inputs)  # a second copy: the passes never touch ``original``
+    runs = [PASSES[o.pass_name].pass_class(ctx, o) for o in chosen]
+    with _timed(phases, "passes"), torch.random.fork_rng():  # reproducible, the caller's RNG untouched
+        torch.manual_seed(seed)
+        model, records = run_passes(runs, working)
     model.eval()
     _check_weights(model, "recovery (fine_tune callback or distillation) diverged; check its learning rate")
-    report = _report(
-        original, model, inputs, pass_objs, checker, crit, phases, notes, target_macs, target_params
-    )
-    report.frozen_ops = dict(analyze(original).boundaries)
-    if snaps:
-        snaps.steps = report.steps
-    out = OptimizeResult(model, original, report, inputs, batches if calibration is not None else [], snaps)
-    if strict and report.target_reached is False:
+    report = _report(ctx, model, records, phases, notes)
+    report.options = {
+        "goal": goal_.to_dict(),
+        "recovery": recovery_.to_dict(),
+        "passes": [{"name": o.pass_name} | o.to_dict() for o in chosen],
+    }
+    used = ctx.calibration + ctx.budget.holdout if calibration is not None else []
+    if ctx.recorder is not None:
+        ctx.recorder.steps = report.steps
+    out = OptimizeResult(model, original, report, inputs, used, ctx.recorder)
+    if goal_.strict and report.target_reached is False:
         err = BudgetError(
             f"target not reached ({report.stop_reason}): MACs {report.macs_ratio:.3f}, params "
             f"{report.params_ratio:.3f} of the original; the most compressed model within budget is in .result"
@@ -310,6 +226,45 @@ def optimize(
         err.result = out
         raise err
     return out
+
+
+@contextmanager
+def _timed(phases: dict[str, float], name: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _context(
+    original: fx.GraphModule,
+    inputs: tuple[Any, ...],
+    calibration: Iterable[Any] | None,
+    goal: Goal,
+    recovery: Recovery,
+    seed: int,
+    quiet: bool | None,
+    phases: dict[str, float],
+) -> tuple[PassContext, list[str]]:
+    """What the passes share: batches checked and split, the budget's baseline, the original's cost."""
+    score_batches, holdout, note = _split_holdout(_batches(calibration, inputs, original))
+    with _timed(phases, "baseline"):
+        checker = Budget(original, goal.budget, holdout, goal.evaluate)
+    show = not quiet if quiet is not None else sys.stderr.isatty()
+    ctx = PassContext(
+        example_inputs=inputs,
+        calibration=score_batches,
+        budget=checker,
+        goal=goal,
+        recovery=recovery,
+        macs0=count_macs(original, inputs),
+        params0=count_params(original),
+        seed=seed,
+        progress=lambda it, **kw: tqdm(it, disable=not show, leave=False, **kw),
+        stop_check=_latency_stop(original, inputs, goal.target_latency) if goal.target_latency else None,
+    )
+    return ctx, [note] if note else []
 
 
 def _latency_stop(
@@ -327,55 +282,39 @@ def _latency_stop(
 
 
 def _report(
-    original: fx.GraphModule,
+    ctx: PassContext,
     model: fx.GraphModule,
-    inputs: tuple[Any, ...],
-    pass_objs: list[Any],
-    checker: Budget,
-    crit: Importance,
+    records: list[PassRecord],
     phases: dict[str, float],
     notes: list[str],
-    target_macs: float | None,
-    target_params: float | None,
 ) -> OptimizeReport:
-    macs0, macs1 = count_macs(original, inputs), count_macs(model, inputs)
-    params0, params1 = count_params(original), count_params(model)
-    final = checker.check(model)
-    steps, schedule_used, removed, trials, stops = [], [], [], [], []
-    for p in pass_objs:
-        steps += [asdict(s) for s in getattr(p, "steps", [])]
-        schedule_used += getattr(p, "schedule_used", [])
-        removed += getattr(p, "removed", [])
-        trials += getattr(p, "trials", [])
-        stops.append(f"{type(p).__name__}: {p.stop_reason}")
-        for k, v in p.timings.items():
+    """The report from the pass records; only the final model is measured here (the original was, once)."""
+    goal = ctx.goal
+    macs1, params1 = count_macs(model, ctx.example_inputs), count_params(model)
+    final = ctx.budget.check(model)
+    for r in records:
+        for k, v in r.timings.items():
             phases[k] = phases.get(k, 0.0) + v
-    reached = None
-    if target_macs is not None or target_params is not None:
-        tol = 0.03
-        reached = (target_macs is None or macs1 <= target_macs * macs0 * (1 + tol)) and (
-            target_params is None or params1 <= target_params * params0 * (1 + tol)
-        )
     return OptimizeReport(
-        macs_before=macs0,
+        macs_before=ctx.macs0,
         macs_after=macs1,
-        params_before=params0,
+        params_before=ctx.params0,
         params_after=params1,
-        target_macs=target_macs,
-        target_params=target_params,
-        target_reached=reached,
-        budget_kind=checker.kind,
-        budget_limit=checker.limit,
+        target_macs=goal.target_macs,
+        target_params=goal.target_params,
+        target_reached=goal.reached(macs1, params1, ctx.macs0, ctx.params0),
+        budget_kind=ctx.budget.kind,
+        budget_limit=ctx.budget.limit,
         budget_consumed=final.consumed,
-        quality_before=checker.baseline,
+        quality_before=ctx.budget.baseline,
         quality_after=final.quality,
-        importance=getattr(crit, "name", type(crit).__name__),
-        schedule=schedule_used,
-        steps=steps,
-        removed_layers=removed,
-        layer_trials=trials,
-        stop_reason="; ".join(stops),
+        importance=next((r.importance for r in records if r.importance), ""),
+        schedule=[rho for r in records for rho in r.schedule],
+        steps=[s for r in records for s in r.steps],
+        removed_layers=[x for r in records for x in r.removed],
+        layer_trials=[x for r in records for x in r.trials],
+        stop_reason="; ".join(f"{r.name}: {r.stop_reason}" for r in records),
         timings=phases,
-        frozen_ops={},
+        frozen_ops=next((r.frozen_ops for r in records if r.frozen_ops), {}),
         notes=notes,
     )

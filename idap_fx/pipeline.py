@@ -19,8 +19,8 @@ from torch import nn
 
 from idap_fx.curve import ship_fastest
 from idap_fx.distributed import main_output
-from idap_fx.errors import ExportError
 from idap_fx.export import export_onnx
+from idap_fx.files import check_writable
 from idap_fx.latency import check_latency
 from idap_fx.optimize import OptimizeResult, optimize
 from idap_fx.quantize import export_job_int8
@@ -57,18 +57,6 @@ def top1_agreement(
     return agree / total if total else None
 
 
-def _check_writable(path: str | os.PathLike[str] | None) -> None:
-    if path is None:
-        return
-    if os.path.isdir(path):
-        raise ExportError(f"cannot write {path}: it is a directory")
-    directory = os.path.dirname(os.path.abspath(os.fspath(path)))
-    if not os.path.isdir(directory):
-        raise ExportError(f"cannot write {path}: directory {directory} does not exist")
-    if not os.access(directory, os.W_OK):
-        raise ExportError(f"cannot write {path}: directory {directory} is not writable")
-
-
 def run_job(
     model: nn.Module,
     example_inputs: torch.Tensor,
@@ -91,8 +79,9 @@ def run_job(
     report and ship the fastest point (int8 latency with ``int8``) within the budget.
     Output paths are validated before any work, so a bad path fails in a second.
     """
-    _check_writable(out)
-    _check_writable(report)
+    for path in (out, report):
+        if path is not None:
+            check_writable(path)
     res = optimize(model, example_inputs, keep_snapshots=sweep, **optimize_kwargs)
     x = res.example_inputs
     point = (

@@ -32,6 +32,7 @@ class OptimizeReport:
     timings: dict[str, float]
     frozen_ops: dict[str, str]
     notes: list[str] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)  # the Goal, Recovery and pass options of the run
 
     @property
     def macs_ratio(self) -> float:

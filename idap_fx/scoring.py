@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from idap_fx.collective import reducer
 from idap_fx.dependency import DependencyGraph, Member
-from idap_fx.distributed import all_sum
 from idap_fx.errors import IdapError
 from idap_fx.stats import ChannelStats, Site, UnitIndex, find_sites
 
@@ -194,7 +194,7 @@ class Taylor:
         finally:
             ctx.gm.zero_grad(set_to_none=True)
             ctx.gm.train(was_training)
-        return ctx.units.split(np.asarray(all_sum(total.tolist())))
+        return ctx.units.split(np.asarray(reducer().all_sum(total.tolist())))
 
 
 class RandomImportance:

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from idap_fx.errors import ExportError
-from idap_fx.export import atomic_output
+from idap_fx.files import atomic_output
 from idap_fx.modules import PrunedMultiheadAttention
 
 __all__ = ["FORMAT", "load", "save"]

@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import fx, nn
 
+from idap_fx.collective import reducer
 from idap_fx.dependency import DependencyGraph
 from idap_fx.layout import Layout
 from idap_fx.modules import PrunedMultiheadAttention, additive_mask
@@ -208,12 +208,10 @@ class ChannelStats(fx.Interpreter):
         with torch.no_grad():
             for batch in batches:
                 self.run(*batch_args(batch))
-        if dist.is_available() and dist.is_initialized():
-            for site in self.sites:
-                tensors = site.state()
-                for t in tensors:
-                    dist.all_reduce(t)
-                site.load(tensors)
+        for site in self.sites:
+            tensors = site.state()
+            reducer().all_sum_(tensors)
+            site.load(tensors)
 
 
 def batch_args(batch: Any) -> tuple[Any, ...]:

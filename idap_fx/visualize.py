@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -30,6 +29,7 @@ from torch import fx, nn
 from idap_fx.analysis import analyze
 from idap_fx.dependency import DependencyGraph, Plan
 from idap_fx.errors import PlanError
+from idap_fx.files import write_text
 from idap_fx.layout import Layout, layouts_in
 from idap_fx.ops.registry import is_tensor_meta
 from idap_fx.viewer_assets import PAGE
@@ -62,7 +62,7 @@ def visualize(
     data = viewer_data(graph, plan=plan, scores=scores, title=title)
     payload = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
     page = PAGE.replace("__TITLE__", html.escape(data["title"])).replace("__DATA__", payload)
-    return _atomic_write(os.fspath(path), page)
+    return write_text(path, page)
 
 
 def viewer_data(
@@ -278,28 +278,6 @@ def _resolve(graph: GraphLike) -> tuple[fx.GraphModule | None, DependencyGraph]:
         "visualize() takes a GraphModule (idap_fx.trace), a (GraphModule, DependencyGraph) pair "
         f"or a DependencyGraph, got {type(graph).__name__}"
     )
-
-
-def _atomic_write(path: str, text: str) -> str:
-    """Write ``text`` to a temporary file next to ``path`` and rename it over ``path``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _value_groups(

@@ -13,21 +13,20 @@ budget.
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass
 
 import numpy as np
+from idap_fx.passes.base import IdapPass, PassContext
 from torch import fx
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx.passes.infra.pass_base import PassResult
 
 from idap_fx.analysis import analyze
 from idap_fx.dependency import ChannelGroup, DependencyGraph, Plan
 from idap_fx.metrics import count_macs, count_params
+from idap_fx.options import PruneOptions
 from idap_fx.recovery import compensate, distill, run_fine_tune
-from idap_fx.schedule import Schedule
-from idap_fx.scoring import Scores, ScoringContext
+from idap_fx.schedule import Schedule, get_schedule
+from idap_fx.scoring import Importance, Scores, ScoringContext, get_importance
 from idap_fx.surgery import prune
 
 
@@ -119,90 +118,49 @@ class StepRecord:
     note: str = ""
 
 
-@dataclass
-class PruneConfig:
-    """Everything stage 1 needs besides the model (filled in by ``idap_fx.optimize``)."""
-
-    example_inputs: tuple[Any, ...]
-    calibration: list[Any]
-    budget: Any  # idap_fx.budget.Budget
-    schedule: Schedule
-    importance: Any  # idap_fx.scoring.Importance
-    macs0: int
-    params0: int
-    target_macs: float | None = None
-    target_params: float | None = None
-    min_channels: int = 1
-    round_to: int = 1
-    ranking: str = "group"  # "group": scores / their group's mean before the global ranking; "global": raw
-    prune_inexact: bool = False
-    compensation: bool = True
-    fine_tune: Callable[[Any, Any], Any] | None = None
-    train_loader: Any = None
-    distill_steps: int | None = None
-    loss_fn: Callable[[Any, Any], Any] | None = None
-    backtracks: int = 2
-    tolerance: float = 0.01
-    seed: int = 0
-    progress: Callable[..., Any] = field(default=lambda it, **kw: it)
-    stop_check: Callable[[fx.GraphModule], str | None] | None = None  # e.g. a latency target
-    on_accept: Callable[..., None] | None = None  # (step, before, dg, plan, after, metrics): idap_fx.curve
-    start_step: int = 0  # schedule index to start at (idap_fx.curve resumes a replayed run)
-
-
-class PruneChannels(PassBase):
+class PruneChannels(IdapPass):
     """The stage-1 pass: call(gm) returns the most compressed model found within budget."""
 
-    def __init__(self, config: PruneConfig) -> None:
-        super().__init__()
-        self.cfg = config
-        self.steps: list[StepRecord] = []
-        self.schedule_used: list[float] = []
-        self.stop_reason = ""
-        self.timings: dict[str, float] = {}
+    name = "prune_channels"
+    options_class = PruneOptions
+
+    def __init__(self, ctx: PassContext, options: PruneOptions | None = None) -> None:
+        super().__init__(ctx, options)
+        self.opts: PruneOptions = self.options  # type: ignore[assignment]
+        goal = ctx.goal
+        self.importance: Importance = get_importance(self.opts.importance)
+        self.schedule: Schedule = get_schedule(
+            self.opts.schedule, final=1 - math.sqrt(goal.target_macs or goal.target_params or 0.25)
+        )
+        self.record.importance = getattr(self.importance, "name", type(self.importance).__name__)
         self.last_scores: Scores = {}
-
-    def _time(self, phase: str, start: float) -> None:
-        self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - start
-
-    def requires(self, graph_module: fx.GraphModule) -> None:
-        if not any("tensor_meta" in n.meta for n in graph_module.graph.nodes if n.op == "placeholder"):
-            raise ValueError("prune_channels needs shapes on the graph: build it with idap_fx.trace")
-
-    def ensures(self, graph_module: fx.GraphModule) -> None:
-        graph_module.graph.lint()
+        self.start_step = 0  # schedule index to start at (idap_fx.curve resumes a replayed run there)
 
     def _reached(self, macs: int, params: int) -> bool:
-        cfg = self.cfg
-        hit_macs = cfg.target_macs is None or macs <= cfg.target_macs * cfg.macs0 * (1 + cfg.tolerance)
-        hit_params = cfg.target_params is None or params <= cfg.target_params * cfg.params0 * (
-            1 + cfg.tolerance
-        )
-        return (cfg.target_macs is not None or cfg.target_params is not None) and hit_macs and hit_params
+        return bool(self.ctx.goal.reached(macs, params, self.ctx.macs0, self.ctx.params0))
 
     def _groups(self, dg: DependencyGraph) -> list[ChannelGroup]:
-        return [g for g in dg.prunable if g.exact or self.cfg.prune_inexact]
+        return [g for g in dg.prunable if g.exact or self.opts.prune_inexact]
 
     def _candidate(
         self, gm: fx.GraphModule, dg: DependencyGraph, plan: Plan
     ) -> tuple[fx.GraphModule, int, int]:
-        t0 = time.perf_counter()
-        new = prune(gm, plan, dg)
-        self._time("rewrite", t0)
-        return new, count_macs(new, self.cfg.example_inputs), count_params(new)
+        with self.timed("rewrite"):
+            new = prune(gm, plan, dg)
+        return new, count_macs(new, self.ctx.example_inputs), count_params(new)
 
     def _trim(
         self, gm: fx.GraphModule, dg: DependencyGraph, scores: Scores, groups: list[ChannelGroup], k: int
     ) -> tuple[Plan, fx.GraphModule, int, int]:
         """Largest plan of ≤ k units; if it overshoots the target, the smallest one that reaches it."""
-        cfg = self.cfg
+        opts = self.opts
 
         def make(n: int) -> tuple[Plan, fx.GraphModule, int, int]:
-            plan = select_units(scores, groups, n, min_channels=cfg.min_channels, round_to=cfg.round_to)
+            plan = select_units(scores, groups, n, min_channels=opts.min_channels, round_to=opts.round_to)
             return (plan, *self._candidate(gm, dg, plan)) if plan else (plan, gm, -1, -1)
 
         best = make(k)
-        if not best[0] or not self._reached(best[2], best[3]) or cfg.stop_check is not None:
+        if not best[0] or not self._reached(best[2], best[3]) or self.ctx.stop_check is not None:
             return best
         lo, hi = 1, k  # reached at hi; find the smallest n that still reaches
         while lo < hi:
@@ -222,91 +180,87 @@ class PruneChannels(PassBase):
         plan: Plan,
         ctx: ScoringContext,
     ) -> tuple[fx.GraphModule, str]:
-        cfg = self.cfg
-        t0 = time.perf_counter()
+        rec = self.ctx.recovery
         notes = []
-        if cfg.compensation:
-            notes.append(f"compensated {compensate(before, after, dg, plan, ctx.sites)} layers")
-        if cfg.fine_tune is not None:
-            after = run_fine_tune(cfg.fine_tune, after, before)
-            notes.append("fine_tune callback")
-        elif cfg.train_loader is not None:
-            distill(after, before, cfg.train_loader, steps=cfg.distill_steps, progress=cfg.progress)
-            notes.append("distilled")
-        self._time("recover", t0)
+        with self.timed("recover"):
+            if rec.compensation:
+                notes.append(f"compensated {compensate(before, after, dg, plan, ctx.sites)} layers")
+            if rec.fine_tune is not None:
+                after = run_fine_tune(rec.fine_tune, after, before)
+                notes.append("fine_tune callback")
+            elif rec.train_loader is not None:
+                distill(after, before, rec.train_loader, steps=rec.distill_steps, progress=self.ctx.progress)
+                notes.append("distilled")
         return after, ", ".join(notes)
 
-    def call(self, graph_module: fx.GraphModule) -> PassResult:
-        cfg = self.cfg
-        current = graph_module
-        modified = False
-        bar = cfg.progress(range(cfg.schedule.steps), desc="prune_channels")
-        for t in bar:
-            if t < cfg.start_step:
-                continue
-            t0 = time.perf_counter()
-            dg = analyze(current)
-            self._time("analyze", t0)
-            groups = self._groups(dg)
-            room = removable_units(groups, cfg.min_channels, cfg.round_to)
-            if room == 0:
-                self.stop_reason = "no removable units left (floors reached)"
-                break
-            t0 = time.perf_counter()
-            ctx = ScoringContext(current, dg, cfg.calibration, loss_fn=cfg.loss_fn, seed=cfg.seed + t)
-            scores = cfg.importance(ctx)
+    def _scores(self, current: fx.GraphModule, dg: DependencyGraph, t: int) -> tuple[Scores, ScoringContext]:
+        with self.timed("score"):
+            ctx = ScoringContext(
+                current, dg, self.ctx.calibration, loss_fn=self.opts.loss_fn, seed=self.ctx.seed + t
+            )
+            scores = self.importance(ctx)
             self.last_scores = scores
-            if cfg.ranking == "group":
+            if self.opts.ranking == "group":
                 scores = normalise_per_group(scores)
-            self._time("score", t0)
-            rho = cfg.schedule.rho(t)
-            self.schedule_used.append(rho)
-            k = max(1, math.floor(rho * room))
-            accepted = False
-            for attempt in range(cfg.backtracks + 1):
-                plan, cand, macs, params = self._trim(current, dg, scores, groups, k)
-                if not plan:
-                    break
-                cand, note = self._recover(current, cand, dg, plan, ctx)
-                params = count_params(cand)
-                t0 = time.perf_counter()
-                verdict = cfg.budget.check(cand)
-                self._time("budget", t0)
-                n_units = sum(len(v) for v in plan.values())
-                self.steps.append(
-                    StepRecord(
-                        t, rho, n_units, {g: len(v) for g, v in plan.items()}, macs, params,
-                        verdict.quality, verdict.consumed, verdict.ok,
-                        note if verdict.ok else f"rolled back: budget {verdict.consumed:.4g} > {cfg.budget.limit}",
-                    )
-                )  # fmt: skip
-                if verdict.ok:
-                    if cfg.on_accept is not None:
-                        last = self.steps[-1]
-                        cfg.on_accept(
-                            t,
-                            current,
-                            dg,
-                            plan,
-                            cand,
-                            (last.macs, last.params, last.quality, last.budget_consumed),
-                        )
-                    current, modified, accepted = cand, True, True
-                    break
-                if attempt < cfg.backtracks and n_units > 1:
-                    k = max(1, n_units // 2)
-                else:
-                    break
-            if not accepted:
-                self.stop_reason = "the next step would break the budget"
+        return scores, ctx
+
+    def _step(
+        self, t: int, rho: float, current: fx.GraphModule, dg: DependencyGraph, groups: list[ChannelGroup]
+    ) -> fx.GraphModule | None:
+        """One step of the schedule: the accepted candidate, or None when every retry broke the budget."""
+        scores, sctx = self._scores(current, dg, t)
+        budget = self.ctx.budget
+        k = max(1, math.floor(rho * removable_units(groups, self.opts.min_channels, self.opts.round_to)))
+        for attempt in range(self.opts.backtracks + 1):
+            plan, cand, macs, _ = self._trim(current, dg, scores, groups, k)
+            if not plan:
+                return None
+            cand, note = self._recover(current, cand, dg, plan, sctx)
+            with self.timed("budget"):
+                verdict = budget.check(cand)
+            n_units = sum(len(v) for v in plan.values())
+            self.record.steps.append(asdict(StepRecord(
+                t, rho, n_units, {g: len(v) for g, v in plan.items()}, macs, count_params(cand),
+                verdict.quality, verdict.consumed, verdict.ok,
+                note if verdict.ok else f"rolled back: budget {verdict.consumed:.4g} > {budget.limit}",
+            )))  # fmt: skip
+            if verdict.ok:
+                if self.ctx.recorder is not None:
+                    last = self.record.steps[-1]
+                    metrics = (last["macs"], last["params"], last["quality"], last["budget_consumed"])
+                    self.ctx.recorder.on_prune(t, current, dg, plan, cand, metrics)
+                return cand
+            if attempt == self.opts.backtracks or n_units <= 1:
+                return None
+            k = max(1, n_units // 2)
+        return None
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        current, modified, record = graph_module, False, self.record
+        steps = self.schedule.steps
+        for t in self.ctx.progress(range(self.start_step, steps), desc="prune_channels"):
+            with self.timed("analyze"):
+                dg = analyze(current)
+            if t == 0:
+                record.frozen_ops = dict(dg.boundaries)
+            groups = self._groups(dg)
+            if removable_units(groups, self.opts.min_channels, self.opts.round_to) == 0:
+                record.stop_reason = "no removable units left (floors reached)"
                 break
-            last = self.steps[-1]
-            if self._reached(last.macs, last.params):
-                self.stop_reason = "target reached"
+            rho = self.schedule.rho(t)
+            record.schedule.append(rho)
+            accepted = self._step(t, rho, current, dg, groups)
+            if accepted is None:
+                record.stop_reason = "the next step would break the budget"
                 break
-            if cfg.stop_check is not None and (why := cfg.stop_check(current)):
-                self.stop_reason = why
+            current, modified = accepted, True
+            last = record.steps[-1]
+            if self._reached(last["macs"], last["params"]):
+                record.stop_reason = "target reached"
+                break
+            if self.ctx.stop_check is not None and (why := self.ctx.stop_check(current)):
+                record.stop_reason = why
                 break
         else:
-            self.stop_reason = f"schedule finished ({cfg.schedule.steps} steps)"
+            record.stop_reason = f"schedule finished ({steps} steps)"
         return PassResult(current, modified)

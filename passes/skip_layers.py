@@ -15,156 +15,118 @@ from __future__ import annotations
 
 import copy
 import itertools
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
+from idap_fx.passes.base import IdapPass, PassContext
 from torch import fx
-from torch.fx.passes.infra.pass_base import PassBase, PassResult
+from torch.fx.passes.infra.pass_base import PassResult
 
 from idap_fx.layer_stats import layer_scores
 from idap_fx.layers import Candidate, find_candidates, remove
 from idap_fx.metrics import count_macs, count_params
+from idap_fx.options import SkipOptions
 from idap_fx.recovery import distill, run_fine_tune
 from idap_fx.trace import record_shapes
 
 
-@dataclass
-class SkipConfig:
-    """Everything stage 2 needs besides the model (filled in by ``idap_fx.optimize``).
+class SkipLayers(IdapPass):
+    """The stage-2 pass. ``record.removed``: accepted removals, in order; ``record.trials``: every
+    decision, rejected ones included; ``essential``: keys of rejected candidates."""
 
-    ``kinds`` selects the candidate kinds; add ``"projection"`` for (c), the fitted 1×1
-    conv / linear replacement of channel-changing chains (off by default). ``max_units``
-    is the longest chain (in conv / linear / attention layers) tried as one candidate.
-    """
+    name = "skip_layers"
+    options_class = SkipOptions
 
-    example_inputs: tuple[Any, ...]
-    calibration: list[Any]
-    budget: Any  # idap_fx.budget.Budget
-    max_skips: int = 5
-    tau_layer: float | None = None
-    fine_tune: Callable[[Any, Any], Any] | None = None
-    train_loader: Any = None
-    distill_steps: int | None = None
-    progress: Callable[..., Any] = field(default=lambda it, **kw: it)
-    kinds: tuple[str, ...] = ("residual", "identity")
-    max_units: int = 2
-    on_accept: Callable[..., None] | None = None  # (candidate, fit, model, metrics): idap_fx.curve
-
-
-class SkipLayers(PassBase):
-    """The stage-2 pass. After ``call``: ``removed`` (accepted removals, in order), ``trials``
-    (every decision, rejected ones included), ``essential`` (keys of rejected candidates),
-    ``stop_reason`` and ``timings``."""
-
-    def __init__(self, config: SkipConfig) -> None:
-        super().__init__()
-        if config.max_skips < 0:
-            raise ValueError(f"max_skips must be >= 0, got {config.max_skips}")
-        self.cfg = config
-        self.removed: list[dict[str, Any]] = []
-        self.trials: list[dict[str, Any]] = []
+    def __init__(self, ctx: PassContext, options: SkipOptions | None = None) -> None:
+        super().__init__(ctx, options)
+        self.opts: SkipOptions = self.options  # type: ignore[assignment]
         self.essential: set[tuple[str, str, str]] = set()
-        self.steps: list[Any] = []  # stage 1's step records; stage 2 reports through ``removed``
-        self.schedule_used: list[float] = []
-        self.stop_reason = ""
-        self.timings: dict[str, float] = {}
-
-    def _time(self, phase: str, start: float) -> None:
-        self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - start
-
-    def requires(self, graph_module: fx.GraphModule) -> None:
-        if not any("tensor_meta" in n.meta for n in graph_module.graph.nodes if n.op == "placeholder"):
-            raise ValueError("skip_layers needs shapes on the graph: build it with idap_fx.trace")
-
-    def ensures(self, graph_module: fx.GraphModule) -> None:
-        graph_module.graph.lint()
 
     def _recover(self, model: fx.GraphModule, teacher: fx.GraphModule) -> tuple[fx.GraphModule, str]:
-        cfg = self.cfg
-        t0 = time.perf_counter()
+        rec = self.ctx.recovery
         note = ""
-        if cfg.fine_tune is not None:
-            model, note = run_fine_tune(cfg.fine_tune, model, teacher), "fine_tune callback"
-        elif cfg.train_loader is not None:
-            distill(model, teacher, cfg.train_loader, steps=cfg.distill_steps, progress=cfg.progress)
-            note = "distilled"
-        self._time("skip_recover", t0)
+        with self.timed("skip_recover"):
+            if rec.fine_tune is not None:
+                model, note = run_fine_tune(rec.fine_tune, model, teacher), "fine_tune callback"
+            elif rec.train_loader is not None:
+                distill(model, teacher, rec.train_loader, steps=rec.distill_steps, progress=self.ctx.progress)
+                note = "distilled"
         return model, note
 
     def _scored(self, gm: fx.GraphModule) -> tuple[list[Candidate], dict[Any, float], dict[Any, Any]]:
-        t0 = time.perf_counter()
-        cands = [
-            c
-            for c in find_candidates(gm, kinds=self.cfg.kinds, max_units=self.cfg.max_units)
-            if c.key not in self.essential
-        ]
-        self._time("skip_discover", t0)
-        t0 = time.perf_counter()
-        scores, fits = layer_scores(gm, cands, self.cfg.calibration) if cands else ({}, {})
-        self._time("skip_score", t0)
+        with self.timed("skip_discover"):
+            found = find_candidates(gm, kinds=self.opts.candidate_kinds, max_units=self.opts.max_units)
+            cands = [c for c in found if c.key not in self.essential]
+        with self.timed("skip_score"):
+            scores, fits = layer_scores(gm, cands, self.ctx.calibration) if cands else ({}, {})
         return cands, scores, fits
 
+    def _trial(self, current: fx.GraphModule, cand: Candidate, fit: Any, quality: float) -> tuple[Any, dict]:
+        """Remove ``cand``, recover, check: the trial model (None if rejected) and its record."""
+        with self.timed("skip_rewrite"):
+            trial = remove(current, cand, self.ctx.example_inputs, fit)
+        trial, note = self._recover(trial, current)
+        with self.timed("skip_budget"):
+            verdict = self.ctx.budget.check(trial)
+        delta = quality - verdict.quality
+        tau = self.opts.tau_layer
+        ok = verdict.ok and (tau is None or delta <= tau)
+        record = {
+            "name": cand.name,
+            "kind": cand.kind,
+            "score": 0.0,
+            "delta": delta,
+            "budget_consumed": verdict.consumed,
+            "accepted": ok,
+            "nodes": len(cand.nodes),
+            "note": note,
+            "quality": verdict.quality,
+        }
+        if not ok:
+            why = "budget" if not verdict.ok else f"delta {delta:.4g} > tau_layer {tau}"
+            record["note"] = ", ".join(filter(None, [note, f"essential: {why}"]))
+        return (trial if ok else None), record
+
     def call(self, graph_module: fx.GraphModule) -> PassResult:
-        cfg = self.cfg
+        ctx, opts, rec = self.ctx, self.opts, self.record
         current = copy.deepcopy(graph_module)
-        record_shapes(current, cfg.example_inputs)  # shapes must match this graph (stage 1 may have run)
-        t0 = time.perf_counter()
-        quality = cfg.budget.check(current).quality
-        self._time("skip_budget", t0)
-        macs, params = count_macs(current, cfg.example_inputs), count_params(current)
+        record_shapes(current, ctx.example_inputs)  # shapes must match this graph (stage 1 may have run)
+        with self.timed("skip_budget"):
+            quality = ctx.budget.check(current).quality
+        macs, params = count_macs(current, ctx.example_inputs), count_params(current)
         cands, scores, fits = self._scored(current)
-        for _ in cfg.progress(itertools.count(), desc="skip_layers"):
-            if len(self.removed) >= cfg.max_skips:
-                self.stop_reason = f"max_skips ({cfg.max_skips}) removals made"
+        for _ in ctx.progress(itertools.count(), desc="skip_layers"):
+            if len(rec.removed) >= opts.max_skips:
+                rec.stop_reason = f"max_skips ({opts.max_skips}) removals made"
                 break
             todo = [c for c in cands if c.key not in self.essential]
             if not todo:
-                self.stop_reason = f"no candidates left ({len(self.essential)} essential)"
+                rec.stop_reason = f"no candidates left ({len(self.essential)} essential)"
                 break
             cand = min(todo, key=lambda c: scores[c.key])
-            t0 = time.perf_counter()
-            trial = remove(current, cand, cfg.example_inputs, fits.get(cand.key))
-            self._time("skip_rewrite", t0)
-            trial, note = self._recover(trial, current)
-            t0 = time.perf_counter()
-            verdict = cfg.budget.check(trial)
-            self._time("skip_budget", t0)
-            delta = quality - verdict.quality
-            ok = verdict.ok and (cfg.tau_layer is None or delta <= cfg.tau_layer)
-            record = {
-                "name": cand.name,
-                "kind": cand.kind,
-                "score": scores[cand.key],
-                "delta": delta,
-                "budget_consumed": verdict.consumed,
-                "accepted": ok,
-                "nodes": len(cand.nodes),
-                "note": note,
-            }
-            if not ok:
-                why = "budget" if not verdict.ok else f"delta {delta:.4g} > tau_layer {cfg.tau_layer}"
-                self.trials.append(record | {"note": ", ".join(filter(None, [note, f"essential: {why}"]))})
+            trial, record = self._trial(current, cand, fits.get(cand.key), quality)
+            record["score"] = scores[cand.key]
+            new_quality = record.pop("quality")
+            if trial is None:
+                rec.trials.append(record)
                 self.essential.add(cand.key)
                 continue
-            new_macs, new_params = count_macs(trial, cfg.example_inputs), count_params(trial)
+            new_macs, new_params = count_macs(trial, ctx.example_inputs), count_params(trial)
             record |= {"macs_saved": macs - new_macs, "params_saved": params - new_params}
-            self.trials.append(record)
-            self.removed.append(record)
-            if cfg.on_accept is not None:
-                metrics = (new_macs, new_params, verdict.quality, verdict.consumed)
-                cfg.on_accept(cand, fits.get(cand.key), trial, metrics)
-            current, quality, macs, params = trial, verdict.quality, new_macs, new_params
+            rec.trials.append(record)
+            rec.removed.append(record)
+            if ctx.recorder is not None:
+                ctx.recorder.on_skip(
+                    cand, fits.get(cand.key), (new_macs, new_params, new_quality, record["budget_consumed"])
+                )
+            current, quality, macs, params = trial, new_quality, new_macs, new_params
             cands, scores, fits = self._scored(current)
-        if self.removed and (cfg.fine_tune is not None or cfg.train_loader is not None):
+        if rec.removed and ctx.recovery.trains:
             current = self._final_recovery(current, graph_module)
-        return PassResult(current, bool(self.removed))
+        return PassResult(current, bool(rec.removed))
 
     def _final_recovery(self, model: fx.GraphModule, teacher: fx.GraphModule) -> fx.GraphModule:
         """Recover once more from the pass's input model; kept only if it stays within budget."""
         tuned, _ = self._recover(copy.deepcopy(model), teacher)
-        t0 = time.perf_counter()
-        ok = self.cfg.budget.check(tuned).ok
-        self._time("skip_budget", t0)
+        with self.timed("skip_budget"):
+            ok = self.ctx.budget.check(tuned).ok
         return tuned if ok else model

@@ -23,7 +23,8 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 import idap_fx
 from idap_fx.errors import ExportError, ParityError
-from idap_fx.export import atomic_output, export_onnx
+from idap_fx.export import export_onnx
+from idap_fx.files import atomic_output
 from idap_fx.modules import PrunedMultiheadAttention
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torchvision
 from helpers import random_plan, zero_branch
-from idap_fx.passes.skip_layers import SkipConfig, SkipLayers
+from idap_fx.passes.base import PassContext
+from idap_fx.passes.skip_layers import SkipLayers
 from torch import nn
 
 import idap_fx
@@ -15,6 +16,7 @@ from idap_fx.budget import Budget
 from idap_fx.export import export_onnx
 from idap_fx.layer_stats import layer_scores
 from idap_fx.layers import EPS, find_candidates, remove
+from idap_fx.options import SkipOptions
 from idap_fx.surgery import prune
 
 # (builder kwargs, input size, residual candidates expected: the blocks with an identity skip)
@@ -135,9 +137,8 @@ def _net(scales: tuple[float, ...] = SCALES) -> tuple[torch.fx.GraphModule, torc
 
 
 def _pass(gm, x, calib, limit=None, **kw) -> tuple[SkipLayers, torch.fx.GraphModule]:
-    p = SkipLayers(
-        SkipConfig(example_inputs=(x,), calibration=calib, budget=Budget(gm, limit, calib[:1]), **kw)
-    )
+    ctx = PassContext(example_inputs=(x,), calibration=calib, budget=Budget(gm, limit, calib[:1]))
+    p = SkipLayers(ctx, SkipOptions(**kw))
     return p, p(gm).graph_module
 
 
@@ -181,27 +182,27 @@ def test_identity_chain_is_replaced_by_its_input() -> None:
 def test_low_flow_blocks_are_removed_first() -> None:
     gm, x, calib = _net()
     p, out = _pass(gm, x, calib, limit=1.0, max_skips=2)
-    assert {r["name"] for r in p.removed} == TINY
-    assert all(r["score"] < 1e-3 and r["kind"] == "residual" for r in p.removed)
-    assert p.stop_reason.startswith("max_skips")
+    assert {r["name"] for r in p.record.removed} == TINY
+    assert all(r["score"] < 1e-3 and r["kind"] == "residual" for r in p.record.removed)
+    assert p.record.stop_reason.startswith("max_skips")
     assert len(list(out.graph.nodes)) == len(list(gm.graph.nodes)) - 2 * 6  # 5 branch nodes + add each
 
 
 def test_tau_layer_marks_the_rest_essential() -> None:
     gm, x, calib = _net()
     p, out = _pass(gm, x, calib, limit=None, tau_layer=1e-6, max_skips=10)
-    assert {r["name"] for r in p.removed} == TINY
-    rejected = [t for t in p.trials if not t["accepted"]]
+    assert {r["name"] for r in p.record.removed} == TINY
+    rejected = [t for t in p.record.trials if not t["accepted"]]
     assert rejected and all(t["delta"] > 1e-6 and "essential" in t["note"] for t in rejected)
     assert len(p.essential) == len(rejected) == len(find_candidates(out))
-    assert p.stop_reason.startswith("no candidates left")
+    assert p.record.stop_reason.startswith("no candidates left")
 
 
 def test_budget_rejects_and_keeps_searching() -> None:
     gm, x, calib = _net((1.0, 1.0, 1e-4))
     p, _ = _pass(gm, x, calib, limit=1e-6, max_skips=5)
-    assert [r["name"] for r in p.removed] == ["blocks.2[conv1..bn2]"]
-    assert all(t["budget_consumed"] > 1e-6 for t in p.trials if not t["accepted"])
+    assert [r["name"] for r in p.record.removed] == ["blocks.2[conv1..bn2]"]
+    assert all(t["budget_consumed"] > 1e-6 for t in p.record.trials if not t["accepted"])
 
 
 def test_rescored_after_each_accepted_removal(monkeypatch) -> None:
@@ -212,7 +213,7 @@ def test_rescored_after_each_accepted_removal(monkeypatch) -> None:
     monkeypatch.setattr(mod, "layer_scores", lambda gm, c, cal: calls.append(len(c)) or real(gm, c, cal))
     gm, x, calib = _net()
     p, _ = _pass(gm, x, calib, limit=1.0, max_skips=2)
-    assert len(calls) == 1 + len(p.removed) and calls[0] > calls[1] > calls[2]
+    assert len(calls) == 1 + len(p.record.removed) and calls[0] > calls[1] > calls[2]
 
 
 class Inplace(nn.Module):
@@ -325,7 +326,7 @@ def test_projection_pass_end_to_end() -> None:
     calib = [torch.randn(8, 3, 12, 12) for _ in range(3)]
     gm = idap_fx.trace(Widen(), x)
     p, out = _pass(gm, x, calib, limit=1.0, max_skips=1, kinds=("projection",))
-    assert [r["kind"] for r in p.removed] == ["projection"] and p.removed[0]["macs_saved"] > 0
+    assert [r["kind"] for r in p.record.removed] == ["projection"] and p.record.removed[0]["macs_saved"] > 0
     assert out(x).shape == (1, 4)
 
 
