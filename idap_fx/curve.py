@@ -246,11 +246,10 @@ def write_curve(points: list[CurvePoint], directory: str | os.PathLike[str], kin
     return csv_path, png_path
 
 
-def ship_fastest(res: Any, near: str | os.PathLike[str], *, int8: bool, latency: bool) -> int:
-    """Measure the curve, write curve.csv / curve.png next to ``near``, make ``res`` the fastest point
-    within the budget (the most compressed one without latency); return its index."""
+def ship_fastest(res: Any, *, int8: bool, latency: bool) -> tuple[int, list[CurvePoint]]:
+    """Measure the curve and make ``res`` its fastest point within the budget (the most compressed
+    one without latency); return the point's index and the curve."""
     points = measure_curve(res, latency=latency, int8=int8)
-    write_curve(points, os.path.dirname(os.path.abspath(os.fspath(near))), res.report.budget_kind)
     limit = res.report.budget_limit if res.report.budget_kind == "output_deviation" else None
     ok = [
         p
@@ -264,4 +263,4 @@ def ship_fastest(res: Any, near: str | os.PathLike[str], *, int8: bool, latency:
     res.report.notes.append(
         f"--sweep shipped curve point {best.index} of {len(points) - 1} (fastest within budget; curve.csv)"
     )
-    return best.index
+    return best.index, points

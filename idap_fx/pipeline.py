@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from idap_fx.curve import ship_fastest
+from idap_fx.curve import ship_fastest, write_curve
 from idap_fx.distributed import main_output
 from idap_fx.export import export_onnx
 from idap_fx.files import check_writable
@@ -84,11 +84,7 @@ def run_job(
             check_writable(path)
     res = optimize(model, example_inputs, keep_snapshots=sweep, **optimize_kwargs)
     x = res.example_inputs
-    point = (
-        ship_fastest(res, report if report is not None else out, int8=int8, latency=latency)
-        if sweep
-        else None
-    )
+    point, points = ship_fastest(res, int8=int8, latency=latency) if sweep else (None, [])
     with tempfile.TemporaryDirectory(prefix="idap_fx_job_") as tmp:
         orig_export = export_onnx(res.original, x, os.path.join(tmp, "original.onnx"), opset=opset)
         opt_export = export_onnx(res.model, x, os.path.join(tmp, "optimized.onnx"), opset=opset)
@@ -129,6 +125,10 @@ def run_job(
             with main_output(out) as tmp_out:
                 if tmp_out is not None:
                     os.replace(shipped.path, tmp_out)
+    if points:  # curve.csv / curve.png next to the report, once the job succeeded
+        write_curve(
+            points, os.path.dirname(os.path.abspath(os.fspath(report or out))), res.report.budget_kind
+        )
     return res, summary
 
 

@@ -72,6 +72,7 @@ def test_curve_point_equals_separate_runs() -> None:
     assert all(v.dim() == 1 for s in snaps.items for v in s.params.values())
 
 
+@pytest.mark.slow
 def test_replay_holds_one_model_at_a_time() -> None:
     import gc
     import weakref
