@@ -13,7 +13,7 @@ For each model (torchvision, ``weights=None``, eval, one 1x3x224x224 input):
    * ``--method optimize``: ``idap_fx.optimize(model, x, target_macs=0.5, budget=None,
      round_to=8)`` (divergence scoring on random calibration batches; slower);
 
-2. export both models with ``idap_fx.export.export_onnx`` (BN folded, parity-checked, static batch)
+2. export both models with ``idap_fx.onnx_export.export_onnx`` (BN folded, parity-checked, static batch)
    and time them with ``idap_fx.latency.check_latency``: ONNX Runtime CPU, 1 intra-op thread,
    warm-up, interleaved in alternating order, one run of the script for all figures;
 
@@ -49,9 +49,9 @@ from torch import fx, nn
 
 import idap_fx
 from idap_fx.dependency import ChannelGroup, DependencyGraph
-from idap_fx.export import export_onnx
 from idap_fx.latency import LatencyReport, check_latency
 from idap_fx.metrics import count_macs
+from idap_fx.onnx_export import export_onnx
 
 MODELS = ["resnet50", "mobilenet_v2", "vit_b_16"]
 TARGET_MACS = 0.5

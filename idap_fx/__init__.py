@@ -14,8 +14,8 @@ from idap_fx.errors import (
     PlanError,
     TraceError,
 )
-from idap_fx.export import ExportReport, export_onnx
 from idap_fx.latency import LatencyReport, check_latency
+from idap_fx.onnx_export import ExportReport, export_onnx
 from idap_fx.optimize import OptimizeResult, optimize
 from idap_fx.report import OptimizeReport
 from idap_fx.scoring import score

@@ -30,8 +30,9 @@ from torch import fx, nn
 
 from idap_fx.analysis import analyze
 from idap_fx.errors import BudgetError, IdapError
+from idap_fx.shapes import record_shapes
 from idap_fx.surgery import prune
-from idap_fx.trace import record_shapes, trace
+from idap_fx.trace import trace
 
 __all__ = ["CurvePoint", "Snapshot", "Snapshots", "measure_curve", "ship_fastest", "write_curve"]
 
@@ -44,7 +45,7 @@ class Snapshot:
     step: int
     plan: dict[str, list[int]] | None = None
     params: dict[str, torch.Tensor] = field(default_factory=dict)
-    candidate: Any = None  # idap_fx.layers.Candidate
+    candidate: Any = None  # idap_fx.skip_candidates.Candidate
     fit: torch.Tensor | None = None  # a stage-2 projection's fitted weights
 
 
@@ -116,7 +117,7 @@ class Snapshots:
                     owner, _, attr = name.rpartition(".")
                     setattr(current.get_submodule(owner), attr, nn.Parameter(value.clone()))
             else:
-                from idap_fx.layers import remove
+                from idap_fx.skip_candidates import remove
 
                 if not shaped:
                     record_shapes(current, self.inputs)
@@ -170,7 +171,7 @@ def _time(original_path: str, path: str, inputs: tuple[Any, ...]) -> tuple[float
 
 def measure_curve(result: Any, *, latency: bool = True, int8: bool = False) -> list[CurvePoint]:
     """Every point of ``result``'s run: MACs, params, quality; ORT latency (fp32 / int8) when asked."""
-    from idap_fx.export import export_onnx
+    from idap_fx.onnx_export import export_onnx
     from idap_fx.quantize import OrtModule, quantize_onnx
 
     snaps: Snapshots = result.snapshots
@@ -221,7 +222,7 @@ def write_curve(points: list[CurvePoint], directory: str | os.PathLike[str], kin
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from idap_fx.export import atomic_output
+    from idap_fx.files import atomic_output
 
     csv_path = os.path.join(os.fspath(directory), "curve.csv")
     png_path = os.path.join(os.fspath(directory), "curve.png")

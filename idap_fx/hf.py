@@ -3,7 +3,7 @@
 Plain ``torch.fx`` cannot trace most Hugging Face models (they branch on sizes and
 flags); ``transformers.utils.fx.symbolic_trace`` can, but only in transformers 4.x (v5
 removed it: capture with ``torch.export`` there and pass the ``ExportedProgram`` to
-``idap_fx.exported.from_exported``). ``trace_hf`` wraps the 4.x tracer and works around
+``idap_fx.torch_export.from_exported``). ``trace_hf`` wraps the 4.x tracer and works around
 two of its gaps in 4.57:
 
 - forwards decorated with ``check_model_inputs`` (ViT, and other recent ports) hide a
@@ -47,7 +47,7 @@ def _fx_module() -> Any:
         raise TraceError(
             f"transformers {transformers.__version__} has no transformers.utils.fx (removed in v5): install "
             f"{SUPPORTED}, or capture the model with torch.export.export(...) and pass the ExportedProgram "
-            "to idap_fx.exported.from_exported"
+            "to idap_fx.torch_export.from_exported"
         ) from exc
     return hf_fx
 
@@ -166,7 +166,7 @@ def trace_hf(
         raise TraceError(
             f"transformers' fx tracer cannot trace {type(model).__name__} ({type(exc).__name__}: {exc}). "
             "Try attn_implementation='eager' in its config, or capture it with torch.export and use "
-            "idap_fx.exported.from_exported"
+            "idap_fx.torch_export.from_exported"
         ) from exc
     gm = fx.GraphModule(copied, graph, class_name=type(model).__name__)
     record_shapes(gm, inputs)

@@ -31,8 +31,8 @@ import onnxruntime as ort
 import torch
 
 from idap_fx.errors import IdapError
-from idap_fx.export import export_onnx, onnx_feed
 from idap_fx.metrics import count_macs
+from idap_fx.onnx_export import export_onnx, onnx_feed
 
 __all__ = ["LatencyReport", "check_latency"]
 

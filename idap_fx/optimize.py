@@ -46,7 +46,7 @@ class OptimizeResult:
     def export_onnx(self, path: str | os.PathLike[str], **kwargs: Any) -> Any:
         """Export the optimized model (see ``idap_fx.export_onnx``); ``quantize="int8"`` calibrates on
         the run's own calibration batches unless ``calibration=`` is given."""
-        from idap_fx.export import export_onnx
+        from idap_fx.onnx_export import export_onnx
 
         if kwargs.get("quantize") is not None:
             kwargs.setdefault("calibration", self.calibration or None)

@@ -19,9 +19,9 @@ from torch import nn
 
 from idap_fx.curve import ship_fastest, write_curve
 from idap_fx.distributed import main_output
-from idap_fx.export import export_onnx
 from idap_fx.files import check_writable
 from idap_fx.latency import check_latency
+from idap_fx.onnx_export import export_onnx
 from idap_fx.optimize import OptimizeResult, optimize
 from idap_fx.quantize import export_job_int8
 

@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from idap_fx.errors import BudgetError, IdapError
-from idap_fx.export import ExportReport, atomic_output, export_onnx
+from idap_fx.files import atomic_output
+from idap_fx.onnx_export import ExportReport, export_onnx
 from idap_fx.stats import batch_args
 
 __all__ = ["OrtModule", "QuantReport", "export_int8", "export_job_int8", "quantize_onnx", "split_holdout"]
@@ -106,7 +107,7 @@ class OrtModule(nn.Module):
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
     def forward(self, *inputs: torch.Tensor) -> Any:
-        from idap_fx.export import onnx_feed
+        from idap_fx.onnx_export import onnx_feed
 
         outs = [torch.from_numpy(o) for o in self.session.run(None, onnx_feed(self.session, inputs))]
         return outs[0] if len(outs) == 1 else tuple(outs)
@@ -129,7 +130,7 @@ class _Reader:
     """``CalibrationDataReader`` over tensor batches."""
 
     def __init__(self, path: str, batches: Sequence[Any]) -> None:
-        from idap_fx.export import onnx_feed
+        from idap_fx.onnx_export import onnx_feed
 
         session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         self._feeds = iter([onnx_feed(session, tuple(batch_args(b))) for b in batches])
@@ -176,7 +177,7 @@ def _check_quantizable(proto: onnx.ModelProto, excluded: list[str]) -> None:
 
 def _outputs(path: str, batches: Sequence[Any]) -> list[list[np.ndarray]]:
     """The model's outputs per batch."""
-    from idap_fx.export import onnx_feed
+    from idap_fx.onnx_export import onnx_feed
 
     session = OrtModule(path).session
     return [session.run(None, onnx_feed(session, tuple(batch_args(b)))) for b in batches]
@@ -184,7 +185,7 @@ def _outputs(path: str, batches: Sequence[Any]) -> list[list[np.ndarray]]:
 
 def _tensors(path: str, batches: Sequence[Any], names: Sequence[str]) -> dict[str, list[np.ndarray]]:
     """The values of (intermediate) tensors ``names`` per batch, read by making them graph outputs."""
-    from idap_fx.export import onnx_feed
+    from idap_fx.onnx_export import onnx_feed
 
     proto = onnx.load(path)
     have = {o.name for o in proto.graph.output}

@@ -139,7 +139,7 @@ def trace(
     such as ``ReLU(inplace=True)``, are fine).
     """
     if isinstance(model, torch.export.ExportedProgram):
-        from idap_fx.exported import from_exported
+        from idap_fx.torch_export import from_exported
 
         return from_exported(model, example_inputs)
     if not isinstance(model, nn.Module):

@@ -12,8 +12,8 @@ from torch import nn
 import idap_fx
 import idap_fx.latency as latency_mod
 from idap_fx.errors import IdapError
-from idap_fx.export import export_onnx
 from idap_fx.latency import LatencyReport, check_latency
+from idap_fx.onnx_export import export_onnx
 
 
 class SmallNet(nn.Module):

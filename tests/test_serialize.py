@@ -207,7 +207,7 @@ def test_save_refuses_unlisted_function_and_writes_nothing(tmp_path) -> None:
 
 
 def test_save_refuses_torch_export_graph(tmp_path) -> None:
-    from idap_fx.exported import from_exported
+    from idap_fx.torch_export import from_exported
 
     x = torch.randn(1, 4)
     gm = from_exported(torch.export.export(nn.Linear(4, 2), (x,)), (x,))

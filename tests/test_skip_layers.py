@@ -13,10 +13,10 @@ from torch import nn
 
 import idap_fx
 from idap_fx.budget import Budget
-from idap_fx.export import export_onnx
-from idap_fx.layer_stats import layer_scores
-from idap_fx.layers import EPS, find_candidates, remove
+from idap_fx.onnx_export import export_onnx
 from idap_fx.options import SkipOptions
+from idap_fx.skip_candidates import EPS, find_candidates, remove
+from idap_fx.skip_scores import layer_scores
 from idap_fx.surgery import prune
 
 # (builder kwargs, input size, residual candidates expected: the blocks with an identity skip)

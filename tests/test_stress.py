@@ -28,7 +28,7 @@ from test_random_arch import Net, _Opaque, _randomize_batchnorm, block_spec
 from torch import fx
 
 import idap_fx
-from idap_fx.export import export_onnx
+from idap_fx.onnx_export import export_onnx
 from idap_fx.schedule import IdapSchedule
 
 tiny_arch = st.fixed_dictionaries(
@@ -88,7 +88,7 @@ schedules = st.one_of(
 )
 targets = st.floats(0.05, 0.95)
 budgets = st.just(0.0) | st.floats(1e-4, 0.5)
-aims = st.one_of(  # at least one of them: neither is refused up front (tests/test_hardening.py)
+aims = st.one_of(  # at least one of them: neither is refused up front (tests/test_optimize_input.py)
     st.fixed_dictionaries({"target_macs": targets, "budget": st.none()}),
     st.fixed_dictionaries({"target_macs": st.none(), "budget": budgets}),
     st.fixed_dictionaries({"target_macs": targets, "budget": budgets}),

@@ -19,10 +19,10 @@ from torch import fx, nn
 from torchvision.models import VisionTransformer
 
 import idap_fx
-from idap_fx.export import export_onnx, onnx_feed
 from idap_fx.hf import trace_hf
-from idap_fx.layers import find_candidates, remove
+from idap_fx.onnx_export import export_onnx, onnx_feed
 from idap_fx.scoring import score
+from idap_fx.skip_candidates import find_candidates, remove
 
 HEADS, HIDDEN, FFN, LAYERS, HEAD_DIM = 4, 32, 64, 2, 8
 NAMES = ["input_ids", "attention_mask"]

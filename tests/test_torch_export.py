@@ -1,4 +1,4 @@
-"""``torch.export`` input: ``idap_fx.exported.from_exported`` graphs analyse and prune like fx-traced ones.
+"""``torch.export`` input: ``idap_fx.torch_export.from_exported`` graphs analyse and prune like fx-traced ones.
 
 The foundation zoo's small CNNs (ResNet-18, MobileNetV2: residual adds, depthwise
 convolutions, BN, pooling, the classifier) in the export IR and in core ATen, and
@@ -18,7 +18,7 @@ from torch import nn
 
 import idap_fx
 from idap_fx.errors import TraceError
-from idap_fx.exported import from_exported
+from idap_fx.torch_export import from_exported
 
 
 def _oracle(gm: torch.fx.GraphModule, dg: idap_fx.DependencyGraph, plan: dict, *args, **kwargs) -> None:

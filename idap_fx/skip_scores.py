@@ -1,4 +1,4 @@
-"""Streamed layer divergence of stage-2 candidates (``idap_fx.layers``), and projection fits.
+"""Streamed layer divergence of stage-2 candidates (``idap_fx.skip_candidates``), and projection fits.
 
 ``LayerStats`` is an ``fx.Interpreter`` (like ``idap_fx.stats.ChannelStats``): residual
 ``E_x ‖F(x)‖/(‖x‖+ε)``, identity ``E_x ‖T_out − T_in‖/(‖T_in‖+ε)``, projection the relative
@@ -15,7 +15,7 @@ import torch
 from torch import fx
 
 from idap_fx.collective import reducer
-from idap_fx.layers import EPS, Candidate
+from idap_fx.skip_candidates import EPS, Candidate
 from idap_fx.stats import batch_args
 
 

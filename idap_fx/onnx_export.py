@@ -10,7 +10,7 @@ export leaves no file behind and never clobbers an existing one.
 
 Exporter: the TorchScript-based exporter (``dynamo=False``) is the default
 (``exporter="auto"``), except for graphs of ATen ops (GraphModules that come from
-``torch.export``, ``idap_fx.exported.from_exported``), which only the dynamo
+``torch.export``, ``idap_fx.torch_export.from_exported``), which only the dynamo
 exporter can export. On
 torch 2.14.1 it exported ten pruned torchvision GraphModules 3-35x faster than
 the torch.export-based one, with static-batch graphs as fast in onnxruntime, and

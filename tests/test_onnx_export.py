@@ -23,9 +23,9 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 import idap_fx
 from idap_fx.errors import ExportError, ParityError
-from idap_fx.export import export_onnx
 from idap_fx.files import atomic_output
 from idap_fx.modules import PrunedMultiheadAttention
+from idap_fx.onnx_export import export_onnx
 
 
 def small_vit() -> nn.Module:
@@ -189,18 +189,6 @@ def test_checker_failure_leaves_no_file(tmp_path, monkeypatch) -> None:
     assert os.listdir(tmp_path) == []
 
 
-def test_missing_directory_names_path(tmp_path) -> None:
-    gm, x = pruned("resnet18")
-    path = tmp_path / "no" / "such" / "dir" / "m.onnx"
-    with pytest.raises(ExportError, match=str(path)):
-        export_onnx(gm, x, path)
-    assert not (tmp_path / "no").exists()
-    (tmp_path / "dir.onnx").mkdir()
-    with pytest.raises(ExportError, match="is a directory"):
-        export_onnx(gm, x, tmp_path / "dir.onnx")
-    assert os.listdir(tmp_path) == ["dir.onnx"] and not os.listdir(tmp_path / "dir.onnx")
-
-
 def test_unwritable_directory_names_path(tmp_path, monkeypatch) -> None:
     """Simulated (the tests may run as root, who can write anywhere): creating the file is refused."""
     real_open = os.open
@@ -308,7 +296,7 @@ def test_bad_arguments(tmp_path) -> None:
 
 def test_torch_export_graph_uses_dynamo_exporter(tmp_path) -> None:
     """A pruned GraphModule from torch.export holds ATen ops, which only the dynamo exporter handles."""
-    from idap_fx.exported import from_exported
+    from idap_fx.torch_export import from_exported
 
     model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 3), nn.Flatten(1)).eval()
     x = torch.randn(1, 3, 10, 10)
