@@ -138,6 +138,15 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--out", default="model.onnx", help="ONNX output path")
     o.add_argument("--report", default="report.json", help="JSON report path (a .md is written next to it)")
     o.add_argument("--no-latency", action="store_true", help="skip the ONNX Runtime latency check")
+    o.add_argument(
+        "--int8", action="store_true", help="ship static int8 ONNX (QDQ), calibrated on --calibration"
+    )
+    o.add_argument(
+        "--keep-fp32", default="", help="with --int8: comma-separated layers (module paths) kept fp32"
+    )
+    o.add_argument(
+        "--sweep", action="store_true", help="write curve.csv/curve.png; ship the fastest point within budget"
+    )
     pl = sub.add_parser("plan", parents=[job], help="dry run: the per-layer plan, no model written")
     pl.add_argument(
         "--report", default="plan.json", help="JSON plan/report path (a .md is written next to it)"
@@ -224,6 +233,9 @@ def _optimize(args: argparse.Namespace) -> int:
         plan_only=plan_only,
         warnings=warnings,
         quiet=args.quiet or None,
+        int8=args.int8,
+        keep_fp32=[k.strip() for k in args.keep_fp32.split(",") if k.strip()],
+        sweep=args.sweep,
     )
     console = Console()
     console.print(summary_table(summary, title=f"idap-fx {args.command} {args.model}"))

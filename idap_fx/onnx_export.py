@@ -31,7 +31,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -66,6 +66,9 @@ class ExportReport:
     seconds: float
     bn_folded: bool
     slim: str  # "applied", "disabled", "skipped: onnxslim not installed" or "failed: ..."
+    quantization: Any = (
+        None  # idap_fx.quantize.QuantReport for quantize="int8" (parity fields: the fp32 graph)
+    )
 
 
 def _as_inputs(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -232,8 +235,15 @@ def export_onnx(
     fold_bn: bool = True,
     slim: bool = True,
     exporter: Exporter = DEFAULT_EXPORTER,
+    quantize: Literal["int8"] | None = None,
+    **int8_options: Any,
 ) -> ExportReport:
     """Export ``gm`` to ONNX at ``path`` and prove that onnxruntime reproduces it.
+
+    ``quantize="int8"``: the verified fp32 graph is quantized by ONNX Runtime (static QDQ,
+    per-channel) and the accuracy cost measured instead of parity; ``int8_options`` go to
+    ``idap_fx.quantize.export_int8`` (``calibration``, ``keep_fp32``, ``max_deviation``,
+    ``evaluate``, ``latency``).
 
     ``exporter="auto"`` uses the TorchScript-based exporter, or the dynamo one for
     graphs of ATen ops (from ``torch.export``); ``ExportReport.exporter`` says which ran.
@@ -242,6 +252,17 @@ def export_onnx(
     checker or onnxruntime failure) or ``ParityError`` (relative error above ``rtol``).
     On any failure no file is left at ``path`` and an existing file there is untouched.
     """
+    if quantize is not None:
+        if quantize != "int8":
+            raise ExportError(f"quantize must be None or 'int8', got {quantize!r}")
+        from idap_fx.quantize import export_int8
+
+        kw = dict(
+            opset=opset, dynamic_batch=dynamic_batch, rtol=rtol, fold_bn=fold_bn, slim=slim, exporter=exporter
+        )
+        return export_int8(gm, _as_inputs(example_inputs), path, **int8_options, **kw)
+    if int8_options:
+        raise ExportError(f"unexpected arguments {sorted(int8_options)} (they need quantize='int8')")
     start = time.perf_counter()
     if exporter not in ("auto", "torchscript", "dynamo"):
         raise ExportError(f"unknown exporter {exporter!r}; use 'auto', 'torchscript' or 'dynamo'")

@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,6 +42,8 @@ class OptimizeResult:
     original: fx.GraphModule
     report: OptimizeReport
     example_inputs: tuple[Any, ...]
+    calibration: list[Any] = field(default_factory=list)  # the batches the run used (int8 calibration)
+    snapshots: Any = None  # idap_fx.curve.Snapshots with keep_snapshots=True
 
     @property
     def plan(self) -> list[LayerChange]:
@@ -51,10 +53,28 @@ class OptimizeResult:
         ]
 
     def export_onnx(self, path: str | os.PathLike[str], **kwargs: Any) -> Any:
-        """Export the optimized model (see ``idap_fx.export_onnx``)."""
+        """Export the optimized model (see ``idap_fx.export_onnx``); ``quantize="int8"`` calibrates on
+        the run's own calibration batches unless ``calibration=`` is given."""
         from idap_fx.onnx_export import export_onnx
 
+        if kwargs.get("quantize") is not None:
+            kwargs.setdefault("calibration", self.calibration or None)
         return export_onnx(self.model, self.example_inputs, path, **kwargs)
+
+    def at(self, target_macs: float | None = None, target_params: float | None = None) -> fx.GraphModule:
+        """The model a separate run with this target would return, rebuilt from the snapshots."""
+        if self.snapshots is None:
+            raise IdapError("at() needs optimize(..., keep_snapshots=True)")
+        return self.snapshots.at(self.original, target_macs, target_params)
+
+    @property
+    def curve(self) -> list[Any]:
+        """Every accepted step as a ``CurvePoint`` with ORT latency (fp32 and int8); measured once, then cached."""
+        if getattr(self, "_curve", None) is None:
+            from idap_fx.curve import measure_curve
+
+            self._curve = measure_curve(self, latency=True, int8=True)
+        return self._curve
 
     def check_latency(self, **kwargs: Any) -> Any:
         """ONNX Runtime latency, original vs optimized, in one run (see ``idap_fx.check_latency``)."""
@@ -178,6 +198,7 @@ def optimize(
     passes: Sequence[str | PassOptions] | None = None,
     quiet: bool | None = None,
     seed: int = 0,
+    keep_snapshots: bool = False,
     **options: Any,
 ) -> OptimizeResult:
     """Prune ``traced_graph`` (a GraphModule or nn.Module) toward the goal within its budget.
@@ -188,9 +209,15 @@ def optimize(
     ``budget=0.05``, ``round_to=8``, ``max_skips=2``, ``train_loader=...``). Targets are
     fractions of the original to keep; without any, pruning continues while the budget holds.
     With ``strict`` (default) an unreached target raises ``BudgetError`` whose ``.result``
-    holds the most compressed model within budget.
+    holds the most compressed model within budget. ``keep_snapshots`` records every accepted
+    step's plan (``result.at``, ``result.curve``; ``idap_fx.curve``).
     """
     goal_, recovery_, chosen = resolve_options(goal, recovery, passes, options)
+    if keep_snapshots and recovery_.trains:
+        raise IdapError(
+            "keep_snapshots replays plans and compensated biases; training recovery (fine_tune / "
+            "train_loader) changes every weight, so its steps cannot be replayed without model copies"
+        )
     phases: dict[str, float] = {}
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     with _timed(phases, "trace"):
@@ -198,6 +225,10 @@ def optimize(
     _check_weights(original)
     tau = any(getattr(o, "tau_layer", None) is not None for o in chosen)
     ctx, notes = _context(original, inputs, calibration, goal_, recovery_, seed, quiet, phases, tau)
+    if keep_snapshots:
+        from idap_fx.curve import Snapshots
+
+        ctx.recorder = Snapshots(ctx, chosen)
     # The passes read their input model and build new ones (``prune`` copies what it keeps), so
     # ``working`` shares ``original``'s modules and weights; only the graph is its own.
     working = fx.GraphModule(original, copy.deepcopy(original.graph), class_name=type(original).__name__)
@@ -214,7 +245,10 @@ def optimize(
         "recovery": recovery_.to_dict(),
         "passes": [{"name": o.pass_name} | o.to_dict() for o in chosen],
     }
-    out = OptimizeResult(model, original, report, inputs)
+    used = ctx.calibration + ctx.budget.holdout if calibration is not None else []
+    if ctx.recorder is not None:
+        ctx.recorder.steps = report.steps
+    out = OptimizeResult(model, original, report, inputs, used, ctx.recorder)
     if goal_.strict and report.target_reached is False:
         err = BudgetError(
             f"target not reached ({report.stop_reason}): MACs {report.macs_ratio:.3f}, params "

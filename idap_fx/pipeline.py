@@ -18,11 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from idap_fx.curve import ship_fastest, write_curve
 from idap_fx.distributed import main_output
 from idap_fx.files import check_writable
 from idap_fx.latency import check_latency
 from idap_fx.onnx_export import export_onnx
 from idap_fx.optimize import OptimizeResult, optimize
+from idap_fx.quantize import export_job_int8
 
 
 @dataclass
@@ -39,6 +41,8 @@ class JobSummary:
     threads: int
     target_reached: bool | None = None
     plan_only: bool = False
+    int8: dict[str, Any] | None = None  # idap_fx.quantize.QuantReport of the shipped int8 model
+    sweep_point: int | None = None  # with --sweep: the curve point shipped
 
 
 def top1_agreement(
@@ -68,10 +72,17 @@ def run_job(
     plan_only: bool = False,
     best_effort: bool = False,
     warnings: Sequence[str] = (),
+    int8: bool = False,
+    keep_fp32: Sequence[str] = (),
+    sweep: bool = False,
     **optimize_kwargs: Any,
 ) -> tuple[OptimizeResult, JobSummary]:
     """Optimize ``model``, export it to ``out``, measure it, write the reports; return result and summary.
 
+    ``int8``: ship a static int8 (QDQ) model, calibrated on the run's calibration data, with
+    ``--budget`` as its own output-deviation budget (layers that break it stay fp32).
+    ``sweep``: record every accepted step, write ``curve.csv`` / ``curve.png`` next to the
+    report and ship the fastest point (int8 latency with ``int8``) within the budget.
     Output paths are validated before any work, so a bad path fails in a second.
     ``plan_only`` is a dry run: the same search (so its plan is exactly what the real run
     removes: every step re-scores the model the previous step left), but no ONNX export,
@@ -86,21 +97,24 @@ def run_job(
     quiet = optimize_kwargs.get("quiet")
     if best_effort:
         optimize_kwargs["strict"] = False
-    res = optimize(model, example_inputs, **optimize_kwargs)
+    res = optimize(model, example_inputs, keep_snapshots=sweep, **optimize_kwargs)
     res.report.warnings = list(warnings)
     x = res.example_inputs
+    point, points = ship_fastest(res, int8=int8, latency=latency) if sweep else (None, [])
     with tempfile.TemporaryDirectory(prefix="idap_fx_job_") as tmp:
         if plan_only:
-            orig_export = opt_export = lat = None
+            orig_export = opt_export = shipped = lat = quant = None
         else:
             _log("exporting ONNX (original and optimized) and checking parity", quiet)
             orig_export = export_onnx(res.original, x, os.path.join(tmp, "original.onnx"), opset=opset)
             opt_export = export_onnx(res.model, x, os.path.join(tmp, "optimized.onnx"), opset=opset)
+            shipped = export_job_int8(res, tmp, opset, keep_fp32, latency) if int8 else opt_export
+            quant = shipped.quantization
             if latency:
                 _log("measuring ONNX Runtime latency (1 thread, original vs optimized, interleaved)", quiet)
             lat = (
                 check_latency(
-                    orig_export.path, opt_export.path, x, macs=(res.report.macs_before, res.report.macs_after)
+                    orig_export.path, shipped.path, x, macs=(res.report.macs_before, res.report.macs_after)
                 )
                 if latency
                 else None
@@ -108,9 +122,7 @@ def run_job(
         summary = JobSummary(
             macs=(res.report.macs_before, res.report.macs_after),
             params=(res.report.params_before, res.report.params_after),
-            onnx_bytes=(orig_export.onnx_bytes, opt_export.onnx_bytes)
-            if orig_export and opt_export
-            else None,
+            onnx_bytes=(orig_export.onnx_bytes, shipped.onnx_bytes) if orig_export and shipped else None,
             latency_ms=(lat.original_median_ms, lat.optimized_median_ms) if lat else None,
             speedup=lat.speedup if lat else None,
             parity_rel_error=opt_export.max_rel_error if opt_export else None,
@@ -118,6 +130,8 @@ def run_job(
             threads=lat.threads if lat else 0,
             target_reached=res.report.target_reached,
             plan_only=plan_only,
+            int8=quant.to_dict() if quant else None,
+            sweep_point=point,
         )
         if report is not None:
             data = res.report.to_dict() | {"job": summary.__dict__, "latency": lat.to_dict() if lat else None}
@@ -130,10 +144,15 @@ def run_job(
                 if tmp_md is not None:
                     with open(tmp_md, "w") as f:
                         f.write(res.report.to_markdown() + "\n" + _summary_markdown(summary))
-        if out is not None and opt_export is not None:
+                        f.write("\n" + quant.to_markdown() if quant else "")
+        if out is not None and shipped is not None:
             with main_output(out) as tmp_out:
                 if tmp_out is not None:
-                    os.replace(opt_export.path, tmp_out)
+                    os.replace(shipped.path, tmp_out)
+    if points:  # curve.csv / curve.png next to the report, once the job succeeded
+        write_curve(
+            points, os.path.dirname(os.path.abspath(os.fspath(report or out))), res.report.budget_kind
+        )
     return res, summary
 
 

@@ -47,6 +47,9 @@ class PassContext:
     progress: Callable[..., Any] = _no_progress
     stop_check: Callable[[fx.GraphModule], str | None] | None = None
     on_step: Callable[[dict[str, Any], int], None] | None = None  # each step record and the planned total
+    recorder: Any = (
+        None  # idap_fx.curve.Snapshots (keep_snapshots=True): on_prune / on_skip per accepted step
+    )
 
 
 @dataclass

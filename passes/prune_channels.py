@@ -155,6 +155,7 @@ class PruneChannels(IdapPass):
         )
         self.record.importance = getattr(self.importance, "name", type(self.importance).__name__)
         self.last_scores: Scores = {}
+        self.start_step = 0  # schedule index to start at (idap_fx.curve resumes a replayed run there)
 
     def _reached(self, macs: int, params: int) -> bool:
         return bool(self.ctx.goal.reached(macs, params, self.ctx.macs0, self.ctx.params0))
@@ -283,6 +284,10 @@ class PruneChannels(IdapPass):
             if self.ctx.on_step is not None:
                 self.ctx.on_step(self.record.steps[-1], self.schedule.steps)
             if verdict.ok:
+                if self.ctx.recorder is not None:
+                    last = self.record.steps[-1]
+                    metrics = (last["macs"], last["params"], last["quality"], last["budget_consumed"])
+                    self.ctx.recorder.on_prune(t, current, dg, plan, cand, metrics)
                 return cand
             if attempt == self.opts.backtracks or n_units <= 1:
                 return None
@@ -293,7 +298,7 @@ class PruneChannels(IdapPass):
         current, modified, record = graph_module, False, self.record
         steps = self.schedule.steps
         ignored = resolve_ignored(graph_module, self.opts.ignored_layers)
-        bar = self.ctx.progress(range(steps), desc="prune_channels")
+        bar = self.ctx.progress(range(self.start_step, steps), desc="prune_channels")
         for t in bar:
             with self.timed("analyze"):
                 dg = analyze(current)

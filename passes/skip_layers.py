@@ -127,6 +127,10 @@ class SkipLayers(IdapPass):
             record |= {"macs_saved": macs - new_macs, "params_saved": params - new_params}
             rec.trials.append(record)
             rec.removed.append(record)
+            if ctx.recorder is not None:
+                ctx.recorder.on_skip(
+                    cand, fits.get(cand.key), (new_macs, new_params, new_quality, record["budget_consumed"])
+                )
             current, quality, macs, params = trial, new_quality, new_macs, new_params
             cands, scores, fits = self._scored(current)
         if rec.removed and ctx.recovery.trains:

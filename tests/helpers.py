@@ -1,4 +1,5 @@
-"""Shared test helpers: random pruning plans, the oracle's error measure, model fingerprints."""
+"""Shared test helpers: random pruning plans, the oracle's error measure, model fingerprints, and the
+small net / calibration / ``Guard`` of the hardening cases (docs/hardening.md)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import copy
 import hashlib
 import math
 import operator
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -111,3 +112,61 @@ def zero_branch(gm: torch.fx.GraphModule, cand: Any) -> torch.fx.GraphModule:
     add.replace_input_with(out, zero)
     z.recompile()
     return z
+
+
+# --- the hardening cases' small model, data and caller guard ---
+
+SMALL_X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def small_calibration(n: int = 3, shape: tuple[int, ...] = (2, 3, 8, 8)) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(*shape, generator=g) for _ in range(n)]
+
+
+def small_net() -> nn.Module:
+    """conv-BN-ReLU(inplace) -> conv -> pool -> linear: two prunable groups, milliseconds per run."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    ).eval()
+
+
+class Guard:
+    """The caller's model and tensors, fingerprinted before a call; ``intact()`` checks them after."""
+
+    def __init__(self, model: nn.Module, *tensors: torch.Tensor) -> None:
+        self.model = model
+        self.hash = state_hash(model)
+        self.tensors = [(t, t.clone()) for t in tensors]
+        self.x = tensors[0] if tensors else SMALL_X
+        with torch.no_grad():
+            self.y = model(self.x.clone())
+
+    def intact(self) -> None:
+        assert state_hash(self.model) == self.hash, "the caller's model was modified"
+        for t, copy_ in self.tensors:
+            assert torch.equal(t, copy_), "the caller's tensor was modified"
+        with torch.no_grad():
+            assert torch.equal(self.model(self.x.clone()), self.y), "the caller's model no longer works"
+
+
+def optimize_small(model: nn.Module, **kw: Any) -> idap_fx.OptimizeResult:
+    kw = {"calibration": small_calibration(), "target_macs": 0.5, "budget": None, "quiet": True} | kw
+    return idap_fx.optimize(model, SMALL_X, **kw)
+
+
+def raising(exc: BaseException) -> Callable[..., Any]:
+    """A callback that raises ``exc`` whatever it is given."""
+
+    def callback(*_: Any) -> Any:
+        raise exc
+
+    return callback

@@ -152,18 +152,6 @@ def test_numpy_integer_indices_are_accepted(resnet):
     assert pruned.conv1.out_channels == 62
 
 
-def test_non_floating_model_is_refused_by_name():
-    linear = nn.Linear(4, 3)
-    linear.weight = nn.Parameter(torch.ones(3, 4, dtype=torch.int32), requires_grad=False)
-    model = nn.Sequential(linear)
-    before = state_hash(model)
-    with pytest.raises(
-        idap_fx.TraceError, match=r"parameter '0\.weight' has dtype torch\.int32.*floating-point"
-    ):
-        idap_fx.trace(model, torch.ones(2, 4, dtype=torch.int32))
-    assert state_hash(model) == before
-
-
 class _IntBuffer(nn.Module):
     def __init__(self) -> None:
         super().__init__()

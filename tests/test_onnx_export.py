@@ -189,18 +189,6 @@ def test_checker_failure_leaves_no_file(tmp_path, monkeypatch) -> None:
     assert os.listdir(tmp_path) == []
 
 
-def test_missing_directory_names_path(tmp_path) -> None:
-    gm, x = pruned("resnet18")
-    path = tmp_path / "no" / "such" / "dir" / "m.onnx"
-    with pytest.raises(ExportError, match=str(path)):
-        export_onnx(gm, x, path)
-    assert not (tmp_path / "no").exists()
-    (tmp_path / "dir.onnx").mkdir()
-    with pytest.raises(ExportError, match="is a directory"):
-        export_onnx(gm, x, tmp_path / "dir.onnx")
-    assert os.listdir(tmp_path) == ["dir.onnx"] and not os.listdir(tmp_path / "dir.onnx")
-
-
 def test_unwritable_directory_names_path(tmp_path, monkeypatch) -> None:
     """Simulated (the tests may run as root, who can write anywhere): creating the file is refused."""
     real_open = os.open

@@ -88,7 +88,7 @@ schedules = st.one_of(
 )
 targets = st.floats(0.05, 0.95)
 budgets = st.just(0.0) | st.floats(1e-4, 0.5)
-aims = st.one_of(  # at least one of them: neither is refused up front (tests/test_hardening.py)
+aims = st.one_of(  # at least one of them: neither is refused up front (tests/test_optimize_input.py)
     st.fixed_dictionaries({"target_macs": targets, "budget": st.none()}),
     st.fixed_dictionaries({"target_macs": st.none(), "budget": budgets}),
     st.fixed_dictionaries({"target_macs": targets, "budget": budgets}),
