@@ -263,23 +263,59 @@ class Allocation:
             pri = np.maximum.accumulate(np.asarray(keys[gid], dtype=float)) if ends else []
             chunks += [_Chunk(float(p), gid, j, e) for j, (p, e) in enumerate(zip(pri, ends, strict=True))]
         chunks.sort(key=lambda c: (c.priority, c.gid, c.index))
-        self.chunks, self.orders = chunks, orders
+        self.chunks, self.orders, self.bounds = chunks, orders, bounds
         self.removable = sum(ends[-1] for ends in bounds.values() if ends)
 
-    def plan(self, n: int) -> Plan:
-        """The plan removing the best-ranked chunks until at least ``n`` units go."""
+    def _take(self, n: int) -> tuple[dict[str, int], _Chunk | None]:
         done: dict[str, int] = {}
-        total = 0
+        total, last = 0, None
         for c in self.chunks:
             if total >= n:
                 break
             total += c.end - done.get(c.gid, 0)
-            done[c.gid] = c.end
+            done[c.gid], last = c.end, c
+        return done, last
+
+    def _plan(self, done: dict[str, int]) -> Plan:
         return {gid: sorted(self.orders[gid][:k]) for gid, k in done.items() if k}
+
+    def plan(self, n: int) -> Plan:
+        """The plan removing the best-ranked chunks until at least ``n`` units go."""
+        return self._plan(self._take(n)[0])
+
+    def _back(self, gid: str, end: int) -> int:
+        ends = self.bounds[gid]
+        j = ends.index(end)
+        return ends[j - 1] if j else 0
+
+    def alternatives(self, n: int, limit: int = 8) -> list[Plan]:
+        """Plans next to ``plan(n)`` for when its last chunk overshoots a target by a whole aligned chunk.
+
+        The last chunk is swapped for the next chunk of another group (best-ranked first, at
+        most ``limit``), alone and with one more chunk of the last chunk's group handed back.
+        """
+        done, last = self._take(n)
+        if last is None:
+            return []
+        prev = {**done, last.gid: self._back(last.gid, last.end)}
+        nexts = []
+        for gid, ends in self.bounds.items():
+            later = [e for e in ends if e > prev.get(gid, 0)]
+            if gid != last.gid and later:
+                nexts.append(
+                    (min(c.priority for c in self.chunks if c.gid == gid and c.end == later[0]), gid)
+                )
+        out = []
+        for _, gid in sorted(nexts)[:limit]:
+            swap = {**prev, gid: next(e for e in self.bounds[gid] if e > prev.get(gid, 0))}
+            out.append(self._plan(swap))
+            if prev[last.gid]:
+                out.append(self._plan({**swap, last.gid: self._back(last.gid, prev[last.gid])}))
+        return out
 
 
 def _chunk_keys(unit_keys: np.ndarray, order: list[int], ends: list[int]) -> list[float]:
-    starts = [0, *ends[:-1]]
+    starts = [0, *ends[:-1]] if ends else []
     return [float(np.mean(unit_keys[order[a:b]])) for a, b in zip(starts, ends, strict=True)]
 
 

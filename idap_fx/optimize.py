@@ -32,7 +32,7 @@ from idap_fx.stats import batch_args
 from idap_fx.trace import trace
 
 PASSES = ("prune_channels", "skip_layers")
-ALLOCATOR = "group"  # defaults chosen by measurement: docs/architecture.md, "Allocation"
+ALLOCATOR = "cost"  # defaults chosen by measurement: docs/architecture.md, "Allocation"
 MIN_KEEP = 0.25
 ROUND_TO = 8
 

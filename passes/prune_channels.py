@@ -61,7 +61,7 @@ class PruneConfig:
     target_macs: float | None = None
     target_params: float | None = None
     floors: Floors = field(default_factory=Floors)
-    allocator: str = "group"  # see idap_fx.allocate
+    allocator: str = "cost"  # see idap_fx.allocate
     prune_inexact: bool = False
     compensation: bool = True
     fine_tune: Callable[[Any, Any], Any] | None = None
@@ -137,6 +137,24 @@ class PruneChannels(PassBase):
                 hi, best = mid, cand
             else:
                 lo = mid + 1
+        return self._closer(gm, dg, alloc, hi, best)
+
+    def _closer(
+        self, gm: fx.GraphModule, dg: DependencyGraph, alloc: Allocation, n: int, best: Any
+    ) -> tuple[Plan, fx.GraphModule, int, int]:
+        """When aligned chunks overshoot the target by more than 3 %, a neighbouring plan that lands closer."""
+        cfg = self.cfg
+        use_macs = cfg.target_macs is not None
+        target = (cfg.target_macs if use_macs else cfg.target_params) * (
+            cfg.macs0 if use_macs else cfg.params0
+        )
+        if best[2 if use_macs else 3] >= target * 0.97:
+            return best
+        for plan in alloc.alternatives(n):
+            cand = (plan, *self._candidate(gm, dg, plan))
+            value = cand[2 if use_macs else 3]
+            if self._reached(cand[2], cand[3]) and value > best[2 if use_macs else 3]:
+                best = cand
         return best
 
     def _recover(
