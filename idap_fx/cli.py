@@ -28,7 +28,7 @@ from idap_fx.cli_inputs import (
 )
 from idap_fx.errors import AnalysisError, BudgetError, ExportError, IdapError, TraceError
 from idap_fx.files import check_writable
-from idap_fx.options import CLI_ROUND_TO, Goal, PruneOptions
+from idap_fx.options import ALLOCATOR, MIN_KEEP, ROUND_TO, Goal, PruneOptions
 
 __all__ = ["UsageError", "load_calibration", "load_model", "main"]
 
@@ -66,6 +66,16 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"is a share of a layer's original width, in [0, 1]: {text} is not")
+    return value
+
+
 def _budget(text: str) -> float | None:
     if text.lower() == "none":
         return None
@@ -100,6 +110,7 @@ def _choices(allowed: Sequence[str]) -> Callable[[str], list[str]]:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from idap_fx.allocate import ALLOCATORS
     from idap_fx.passes import PASSES
     from idap_fx.scoring import CRITERIA
 
@@ -126,8 +137,13 @@ def _parser() -> argparse.ArgumentParser:
     job.add_argument(
         "--ignore", action="append", default=[], help="module path or class kept whole (repeatable)"
     )
+    job.add_argument("--round-to", type=_positive_int, default=ROUND_TO, help="keep widths multiples of this")
+    job.add_argument("--allocator", choices=sorted(ALLOCATORS), default=ALLOCATOR, help="who loses units")
     job.add_argument(
-        "--round-to", type=_positive_int, default=CLI_ROUND_TO, help="keep widths multiples of this"
+        "--min-keep", type=_share, default=MIN_KEEP, help="floor: fraction of each original width"
+    )
+    job.add_argument(
+        "--max-prune-ratio", type=_share, default=None, help="cap: fraction any layer may lose at most"
     )
     job.add_argument(
         "--best-effort", action="store_true", help="target out of reach: write the best within budget"
@@ -228,6 +244,9 @@ def _optimize(args: argparse.Namespace) -> int:
         importance=args.importance,
         round_to=args.round_to,
         ignored_layers=args.ignore,
+        allocator=args.allocator,
+        min_keep=args.min_keep,
+        max_prune_ratio=args.max_prune_ratio,
         opset=getattr(args, "opset", None),
         latency=not (plan_only or args.no_latency),
         plan_only=plan_only,

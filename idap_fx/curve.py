@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from idap_fx.allocate import OriginalWidths
 from idap_fx.analysis import analyze
 from idap_fx.errors import BudgetError, IdapError
 from idap_fx.shapes import record_shapes
@@ -154,6 +155,7 @@ class Snapshots:
         before = sum(1 for s in self.items if s.stage == "prune_channels" and s.step < cross)
         model = self.model(original, before)
         passes[0].start_step = cross
+        passes[0].widths = OriginalWidths(analyze(trace(original, self.inputs)))  # the run's floors
         with torch.random.fork_rng():
             torch.manual_seed(self.ctx.seed)
             for p in passes:

@@ -24,16 +24,20 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
-from idap_fx.errors import BudgetError, OptionError
+from idap_fx.errors import BudgetError, IdapError, OptionError
 
 TARGET_TOLERANCE = 0.01
 """A MAC / parameter target counts as reached within 1 % above it (the pass stops there, the report
 says so, ``strict`` raises otherwise): stage 1 bisects its last step on the unit count, so it lands
 within 1 % whenever one unit is finer than that."""
 
-CLI_ROUND_TO = 8
-"""The CLI's ``--round-to`` (the API's default is 1): the command exports for ONNX Runtime, whose
-convolutions run fastest on widths that are multiples of 8 (``bench/latency.py``)."""
+ALLOCATOR = "cost"
+"""Stage 1's default allocator (``idap_fx.allocate``), chosen by measurement: docs/architecture.md, "Allocation"."""
+MIN_KEEP = 0.25
+"""Default floor: every group keeps at least this fraction of its original width (never starved)."""
+ROUND_TO = 8
+"""Default width alignment, shared by the API, the CLI and the demo: ONNX Runtime's convolutions run
+fastest on widths that are multiples of 8 (``bench/latency.py``)."""
 
 
 def _is_number(value: Any) -> bool:
@@ -206,12 +210,14 @@ class PassOptions(Options):
 
 @dataclass(frozen=True)
 class PruneOptions(PassOptions):
-    """Stage 1 (``prune_channels``): importance, schedule, floors and ranking.
+    """Stage 1 (``prune_channels``): importance, schedule, allocator and floors.
 
     ``importance``: ``divergence`` (default), ``l1``, ``bn_scale``, ``taylor`` (needs
     ``loss_fn(model, batch) -> loss``), ``random`` or an ``Importance`` object. A group keeps
-    ≥ ``min_channels`` channels and a multiple of ``round_to`` units; ``ranking="group"``
-    compares scores divided by their group's mean, ``"global"`` raw scores. A step that breaks
+    ≥ ``min_channels`` channels, ``min_keep`` of its original width and a multiple of ``round_to``
+    units; ``max_prune_ratio`` caps what a group loses (a float, or module path / type name →
+    ratio: a group takes the tightest cap of its modules). ``allocator`` (``cost``, ``group``,
+    ``global``, ``sensitivity``) decides which units go (``idap_fx.allocate``). A step that breaks
     the budget is retried at half size ``backtracks`` times. ``ignored_layers`` (module paths,
     their prefixes, module types or type names) keep every group their parameters belong to.
     """
@@ -220,8 +226,10 @@ class PruneOptions(PassOptions):
     importance: Any = "divergence"
     schedule: Any = None
     min_channels: int = 1
-    round_to: int = 1
-    ranking: str = "group"
+    round_to: int = ROUND_TO
+    allocator: str = ALLOCATOR
+    min_keep: float = MIN_KEEP
+    max_prune_ratio: float | Mapping[str, float] | None = None
     prune_inexact: bool = False
     loss_fn: Callable[[Any, Any], Any] | None = None
     backtracks: int = 2
@@ -235,8 +243,14 @@ class PruneOptions(PassOptions):
         get_schedule(self.schedule)
         _int_at_least("min_channels", self.min_channels, 1)
         _int_at_least("round_to", self.round_to, 1)
-        if self.ranking not in ("group", "global"):
-            raise OptionError(f"ranking must be 'group' or 'global', got {self.ranking!r}")
+        from idap_fx.allocate import ALLOCATORS, Floors
+
+        if self.allocator not in ALLOCATORS:
+            raise OptionError(f"allocator must be one of {list(ALLOCATORS)}, got {self.allocator!r}")
+        try:
+            Floors(self.min_keep, self.min_channels, self.round_to, self.max_prune_ratio)
+        except IdapError as exc:
+            raise OptionError(str(exc)) from None
         _bool("prune_inexact", self.prune_inexact)
         _optional_callable("loss_fn", self.loss_fn)
         _int_at_least("backtracks", self.backtracks, 0)

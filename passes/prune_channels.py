@@ -1,13 +1,13 @@
 """Stage 1: iterative divergence-scored channel / head pruning (method notes §2).
 
-Each step re-analyzes and re-scores the current model, removes the ⌊ρ_t·U⌋ lowest-scoring
-units (U = units still removable; global ranking across groups, ``min_channels`` and
-``round_to`` floors), recovers (compensation, distillation or the user's callback) and
-checks the budget. The step that would overshoot the MAC / parameter target is trimmed
-by bisection on the number of units so the target is met, not passed by a whole step.
-A step that breaks the budget is rolled back and retried at half size (``backtracks``
-times) before pruning stops; the result is the most compressed model that stayed within
-budget.
+Each step re-analyzes and re-scores the current model, removes ⌊ρ_t·U⌋ units (U = units
+still removable above the floors; which ones is decided by ``idap_fx.allocate``: the
+allocator, the floors relative to the original widths, aligned widths), recovers
+(compensation, distillation or the user's callback) and checks the budget. The step that
+would overshoot the MAC / parameter target is trimmed by bisection on the number of units so
+the target is met, not passed by a whole step. A step that breaks the budget is rolled back
+and retried at half size (``backtracks`` times) before pruning stops; the result is the most
+compressed model that stayed within budget.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-import numpy as np
 from idap_fx.passes.base import IdapPass, PassContext
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
+from idap_fx.allocate import Allocation, Floors, OriginalWidths, allocate
 from idap_fx.analysis import analyze
 from idap_fx.dependency import ChannelGroup, DependencyGraph, Plan
 from idap_fx.errors import OptionError
@@ -31,78 +31,6 @@ from idap_fx.recovery import compensate, distill, run_fine_tune
 from idap_fx.schedule import Schedule, get_schedule
 from idap_fx.scoring import Importance, Scores, ScoringContext, get_importance
 from idap_fx.surgery import prune
-
-
-def _min_units(g: ChannelGroup, min_channels: int, round_to: int) -> int:
-    per_unit = max(1, g.channels // g.size)
-    return max(1, math.ceil(max(min_channels, 1) / per_unit), min(round_to, g.size))
-
-
-def select_units(
-    scores: Scores,
-    groups: list[ChannelGroup],
-    count: int,
-    *,
-    min_channels: int = 1,
-    round_to: int = 1,
-) -> Plan:
-    """The ``count`` lowest-scoring units across ``groups`` (global ranking), within the floors.
-
-    A group keeps at least ``min_channels`` channels; with ``round_to`` > 1 its kept unit
-    count is rounded up to a multiple of ``round_to`` (hardware-friendly widths), and a
-    split part never loses all its units.
-    """
-    if count <= 0:
-        return {}
-    order = []
-    for g in groups:
-        s = np.asarray(scores[g.id], dtype=float)
-        order.extend((float(s[i]), g.id, int(i)) for i in range(g.size))
-    order.sort(key=lambda x: (x[0], x[1], x[2]))
-    by_id = {g.id: g for g in groups}
-    taken: dict[str, list[int]] = {g.id: [] for g in groups}
-    picked = 0
-    for _, gid, i in order:
-        g = by_id[gid]
-        if g.size - len(taken[gid]) - 1 < _min_units(g, min_channels, round_to):
-            continue
-        taken[gid].append(i)
-        if g.violated_part(taken[gid]) is not None:
-            taken[gid].pop()
-            continue
-        picked += 1
-        if picked >= count:
-            break
-    plan: dict[str, list[int]] = {}
-    for gid, idx in taken.items():
-        g = by_id[gid]
-        if round_to > 1 and idx:
-            kept = g.size - len(idx)
-            kept_rounded = min(g.size, math.ceil(kept / round_to) * round_to)
-            idx = idx[: g.size - kept_rounded]
-        if idx:
-            plan[gid] = sorted(idx)
-    return plan
-
-
-def normalise_per_group(scores: Scores) -> Scores:
-    """Each group's scores divided by their mean: the ranking compares units to their own layer.
-
-    Raw divergence is not comparable across layers (measured: on the digits CNN a global
-    ranking of raw scores emptied one 8×8 layer and kept 12.5 % accuracy at 70 % MACs;
-    normalised, 97.5 %). Groups whose mean is not a positive finite number keep raw scores.
-    """
-    out = {}
-    for gid, s in scores.items():
-        s = np.asarray(s, dtype=float)
-        mean = s.mean() if s.size else 0.0
-        out[gid] = s / mean if np.isfinite(mean) and mean > 0 else s
-    return out
-
-
-def removable_units(groups: list[ChannelGroup], min_channels: int, round_to: int) -> int:
-    """How many units the floors still allow to remove."""
-    return sum(max(0, g.size - _min_units(g, min_channels, round_to)) for g in groups)
 
 
 @dataclass
@@ -153,9 +81,13 @@ class PruneChannels(IdapPass):
         self.schedule: Schedule = get_schedule(
             self.opts.schedule, final=1 - math.sqrt(goal.target_macs or goal.target_params or 0.25)
         )
+        self.floors = Floors(
+            self.opts.min_keep, self.opts.min_channels, self.opts.round_to, self.opts.max_prune_ratio
+        )
         self.record.importance = getattr(self.importance, "name", type(self.importance).__name__)
         self.last_scores: Scores = {}
         self.start_step = 0  # schedule index to start at (idap_fx.curve resumes a replayed run there)
+        self.widths: OriginalWidths | None = None  # the floors are fractions of these (the input's widths)
 
     def _reached(self, macs: int, params: int) -> bool:
         return bool(self.ctx.goal.reached(macs, params, self.ctx.macs0, self.ctx.params0))
@@ -180,25 +112,26 @@ class PruneChannels(IdapPass):
         return new, count_macs(new, self.ctx.example_inputs), count_params(new)
 
     def _trim(
-        self, gm: fx.GraphModule, dg: DependencyGraph, scores: Scores, groups: list[ChannelGroup], k: int
+        self, gm: fx.GraphModule, dg: DependencyGraph, alloc: Allocation, k: int
     ) -> tuple[Plan, fx.GraphModule, int, int]:
-        """Largest plan of ≤ k units; if it overshoots the target, the smallest one that reaches it.
+        """The plan of ~k units; if it overshoots the target, the smallest one that reaches it.
 
         The bisection keeps plans, not models: one candidate model is alive at a time, and the
         chosen plan is rebuilt at the end (one more rewrite, no extra copy of the weights).
         """
-        opts = self.opts
-
-        def make(n: int) -> tuple[Plan, fx.GraphModule, int, int]:
-            plan = select_units(scores, groups, n, min_channels=opts.min_channels, round_to=opts.round_to)
-            return (plan, *self._candidate(gm, dg, plan)) if plan else (plan, gm, -1, -1)
 
         def size(n: int) -> tuple[Plan, int, int]:
-            plan, _, macs, params = make(n)  # the candidate model is freed on return
+            plan = alloc.plan(n)
+            if not plan:
+                return plan, -1, -1
+            _, macs, params = self._candidate(gm, dg, plan)  # the candidate model is freed on return
             return plan, macs, params
 
-        best = make(k)
-        if not best[0] or not self._reached(best[2], best[3]) or self.ctx.stop_check is not None:
+        plan = alloc.plan(k)
+        if not plan:
+            return plan, gm, -1, -1
+        best = (plan, *self._candidate(gm, dg, plan))
+        if not self._reached(best[2], best[3]) or self.ctx.stop_check is not None:
             return best
         chosen = (best[0], best[2], best[3])  # drop the model; keep what rebuilds it
         del best
@@ -210,7 +143,25 @@ class PruneChannels(IdapPass):
                 hi, chosen = mid, (plan, macs, params)
             else:
                 lo = mid + 1
+        chosen = self._closer(gm, dg, alloc, hi, chosen)
         return chosen[0], self._candidate(gm, dg, chosen[0])[0], chosen[1], chosen[2]
+
+    def _closer(
+        self, gm: fx.GraphModule, dg: DependencyGraph, alloc: Allocation, n: int, best: tuple[Plan, int, int]
+    ) -> tuple[Plan, int, int]:
+        """When aligned chunks overshoot the target by more than 3 %, a neighbouring plan that lands closer."""
+        goal, use_macs = self.ctx.goal, self.ctx.goal.target_macs is not None
+        at = 1 if use_macs else 2
+        target = (goal.target_macs if use_macs else goal.target_params) * (
+            self.ctx.macs0 if use_macs else self.ctx.params0
+        )
+        if best[at] >= target * 0.97:
+            return best
+        for plan in alloc.alternatives(n):
+            _, macs, params = self._candidate(gm, dg, plan)
+            if self._reached(macs, params) and (macs, params)[at - 1] > best[at]:
+                best = (plan, macs, params)
+        return best
 
     def _recover(
         self,
@@ -253,29 +204,43 @@ class PruneChannels(IdapPass):
             )
             scores = self.importance(ctx)
             self.last_scores = scores
-            if self.opts.ranking == "group":
-                scores = normalise_per_group(scores)
         return scores, ctx
 
+    def _allocate(
+        self, current: fx.GraphModule, dg: DependencyGraph, groups: list[ChannelGroup], scores: Scores
+    ) -> Allocation:
+        goal = self.ctx.goal
+        with self.timed("allocate"):
+            return allocate(
+                self.opts.allocator, current, dg, groups, scores, floors=self.floors, widths=self.widths,
+                example_inputs=self.ctx.example_inputs, batches=self.ctx.calibration[:2],
+                cost="params" if goal.target_macs is None and goal.target_params is not None else "macs",
+            )  # fmt: skip
+
     def _step(
-        self, t: int, rho: float, current: fx.GraphModule, dg: DependencyGraph, groups: list[ChannelGroup]
+        self,
+        t: int,
+        rho: float,
+        current: fx.GraphModule,
+        dg: DependencyGraph,
+        alloc: Allocation,
+        sctx: ScoringContext,
     ) -> fx.GraphModule | None:
         """One step of the schedule: the accepted candidate, or None when every retry broke the budget."""
-        scores, sctx = self._scores(current, dg, t)
         budget = self.ctx.budget
-        k = max(1, math.floor(rho * removable_units(groups, self.opts.min_channels, self.opts.round_to)))
+        k = max(1, math.floor(rho * alloc.removable))
+        tried: set[int] = set()
         for attempt in range(self.opts.backtracks + 1):
-            plan, cand, macs, _ = self._trim(current, dg, scores, groups, k)
-            if not plan:
+            plan, cand, macs, _ = self._trim(current, dg, alloc, k)
+            n_units = sum(len(v) for v in plan.values())
+            if not plan or n_units in tried:  # alignment: a smaller retry gives the same plan
                 if attempt == 0:
-                    self.record.stop_reason = (
-                        f"a step of {k} units removes none once widths are rounded (round_to)"
-                    )
+                    self.record.stop_reason = f"a step of {k} units removes none once widths are aligned"
                 return None
+            tried.add(n_units)
             cand, note = self._recover(current, cand, dg, plan, sctx)
             with self.timed("budget"):
                 verdict = budget.check(cand)
-            n_units = sum(len(v) for v in plan.values())
             self.record.steps.append(asdict(StepRecord(
                 t, rho, n_units, {g: len(v) for g, v in plan.items()}, macs, count_params(cand),
                 verdict.quality, verdict.consumed, verdict.ok,
@@ -302,15 +267,19 @@ class PruneChannels(IdapPass):
         for t in bar:
             with self.timed("analyze"):
                 dg = analyze(current)
+            if self.widths is None:
+                self.widths = OriginalWidths(dg)
             if t == 0:
                 record.frozen_ops = dict(dg.boundaries)
             groups = self._groups(dg, ignored)
-            if removable_units(groups, self.opts.min_channels, self.opts.round_to) == 0:
+            scores, sctx = self._scores(current, dg, t)
+            alloc = self._allocate(current, dg, groups, scores)
+            if alloc.removable == 0:
                 record.stop_reason = "no removable units left (floors reached)"
                 break
             rho = self.schedule.rho(t)
             record.schedule.append(rho)
-            accepted = self._step(t, rho, current, dg, groups)
+            accepted = self._step(t, rho, current, dg, alloc, sctx)
             if accepted is None:
                 record.stop_reason = record.stop_reason or "the next step would break the budget"
                 break

@@ -12,7 +12,6 @@ from idap_fx.cli import _parser
 from idap_fx.errors import BudgetError, OptionError
 from idap_fx.optimize import resolve_options
 from idap_fx.options import (
-    CLI_ROUND_TO,
     TARGET_TOLERANCE,
     Goal,
     PruneOptions,
@@ -96,7 +95,8 @@ def test_one_tolerance_for_target_reached() -> None:
 def test_cli_defaults_are_the_option_defaults() -> None:
     args = _parser().parse_args(["optimize", "torchvision:resnet18"])
     assert args.budget == Goal().budget and args.importance == PruneOptions().importance
-    assert args.round_to == CLI_ROUND_TO  # the one deliberate difference: widths for ONNX Runtime
+    assert args.round_to == PruneOptions().round_to == 8  # one default: aligned widths for ONNX Runtime
+    assert args.allocator == PruneOptions().allocator and args.min_keep == PruneOptions().min_keep
     assert args.passes == "prune_channels"
 
 
