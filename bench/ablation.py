@@ -55,6 +55,11 @@ import idap_fx
 from idap_fx.budget import Budget
 from idap_fx.recovery import distill
 
+VERDICT = (
+    "Decision (docs/architecture.md): stage 1 alone stays the default; stage 1 → 2 wins in no cell, and on the "
+    "plain network stage 2 finds nothing after stage 1. Stage 2 → 1 overshoots (stage 2's 5 skips alone go below "
+    "the digits targets) and wins only PlainNet 50 % after recovery, where stage 1 alone starves a layer."
+)
 PASSES = {
     "stage 1": ("prune_channels",),
     "stage 1→2": ("prune_channels", "skip_layers"),
@@ -285,7 +290,7 @@ def main() -> None:
             rows += mobilenet_rows(args)
         runs = [{"args": vars(args), "wall_s": time.perf_counter() - start}]
     walls = ", ".join(f"{r['args']['only'] or 'all'} {r['wall_s']:.0f} s" for r in runs)
-    report = summarize(rows) + f"\nWall time (1 thread, shared machine): {walls}.\n"
+    report = summarize(rows) + f"\nWall time (1 thread, shared machine): {walls}. {VERDICT}\n"
     print(report)
     RESULTS.mkdir(exist_ok=True)
     with open(args.out + ".json", "w") as f:
