@@ -169,9 +169,9 @@ def run_fine_tune(
 ) -> tuple[fx.GraphModule, RecoveryRecord]:
     """Call the user's ``fine_tune(model, teacher)``; the model (or the one it returns) must keep its shapes.
 
-    With ``measure``, the weights before the call are kept instead when the callback made
-    the held-out measure worse (finite weights only: non-finite ones are left for the
-    caller to report).
+    With ``measure``, the weights before the call are kept instead when the callback did
+    not improve the held-out measure (finite weights only: non-finite ones are left for
+    the caller to report).
     """
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     start = _BestState(model, measure, patience=1)

@@ -158,3 +158,39 @@ def test_pruned_model_still_trains() -> None:
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
     assert any(isinstance(m, nn.BatchNorm2d) and m.num_batches_tracked > 0 for m in model.modules())
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = x + self.block(x)
+        return self.head(x.mean((2, 3)))
+
+
+def test_stage_2_recoveries_are_reported() -> None:
+    torch.manual_seed(0)
+    calls = []
+
+    def fine_tune(m: nn.Module, _: nn.Module) -> None:
+        calls.append(1)
+
+    res = idap_fx.optimize(
+        _Residual().eval(),
+        torch.randn(1, 3, 12, 12),
+        calibration=_batches(4, 0),
+        passes=("skip_layers",),
+        budget=None,
+        fine_tune=fine_tune,
+        quiet=True,
+    )
+    assert res.report.removed_layers and calls
+    rec = res.report.recovery
+    assert [r["at"] for r in rec] == [t["name"] for t in res.report.layer_trials] + ["final"]
+    assert all(r["pass"] == "skip_layers" and r["method"] == "fine_tune" for r in rec)
+    assert all(r["kept_step"] == 0 and r["stop"].startswith("reverted") for r in rec)  # a no-op is not better
