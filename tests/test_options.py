@@ -98,7 +98,7 @@ def test_cli_defaults_are_the_option_defaults() -> None:
     args = _parser().parse_args(["optimize", "torchvision:resnet18"])
     assert args.budget == Goal().budget and args.importance == PruneOptions().importance
     assert args.round_to == CLI_ROUND_TO  # the one deliberate difference: widths for ONNX Runtime
-    assert args.passes == "prune_channels"
+    assert args.passes == ["prune_channels"]
 
 
 class _Opaque(nn.Module):
