@@ -188,6 +188,8 @@ def test_ignored_layers_api_keeps_widths_and_suggests_names() -> None:
     assert any("ignored_layers" in n for n in res.report.notes)
     with pytest.raises(IdapError, match="did you mean"):
         idap_fx.optimize(model, x, target_macs=0.6, ignored_layers=["haed"])
+    with pytest.raises(IdapError, match="ignored_layers"):  # checked with the options, before any work
+        idap_fx.optimize(model, x, target_macs=0.6, ignored_layers=[3])
 
 
 ODD = """

@@ -97,7 +97,7 @@ def test_cli_defaults_are_the_option_defaults() -> None:
     assert args.budget == Goal().budget and args.importance == PruneOptions().importance
     assert args.round_to == PruneOptions().round_to == 8  # one default: aligned widths for ONNX Runtime
     assert args.allocator == PruneOptions().allocator and args.min_keep == PruneOptions().min_keep
-    assert args.passes == "prune_channels"
+    assert args.passes == ["prune_channels"]
 
 
 class _Opaque(nn.Module):
