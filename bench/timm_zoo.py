@@ -64,7 +64,7 @@ def _frozen_cause(dg) -> str:  # noqa: ANN001
         if (
             not g.prunable
             and g.frozen_reason
-            and not g.frozen_reason.startswith(("graph input", "parameter"))
+            and not g.frozen_reason.startswith(("graph input", "parameter", "reaches graph output"))
         ):
             first = g.frozen_reason.split(";")[0]
             reasons[re.sub(r"\b[\w.]*_\d+\b|\b\w+\.\w+[\w.]*\b", "…", first)[:90]] += g.channels
