@@ -1,16 +1,18 @@
 """One model per timm family under idap_fx: does it fx-trace, is a random 30 % plan exact, what freezes it.
 
 A family is a module of ``timm.models`` (resnet, convnext, vision_transformer ...); its
-model is its smallest-looking one (timm's size words: ``test``, ``atto`` ... ``small``), built with
-``pretrained=False`` and fed one image of its default input size. All run in one process
-under ``nice``, each with a time limit (SIGALRM). Per model: ``idap_fx.trace``; ``analyze``;
+model is its smallest-looking one (timm's size words: ``test``, ``atto`` ... ``small``), built
+with ``pretrained=False`` (parameters initialised to about zero, such as layer scale, set to
+U(0.5, 1.5) so a plan visibly changes the output) and fed one image of its default input
+size. All run in one process under ``nice``, each with a time limit (SIGALRM). Per model: ``idap_fx.trace``; ``analyze``;
 a random 30 % plan over the exact prunable groups, checked against the mask oracle
 (prune == mask, relative error <= 1e-4); the parameters that plan removes, and those a
 30 % plan over every prunable group (inexact ones too) removes. A family *passes* when the
 oracle holds and the 30 % plan over all prunable groups removes >= 20 % of the parameters.
 Writes ``bench/results/timm_zoo.json`` and the timm section of ``docs/zoo.md``.
 
-    nohup nice -n 19 .venv/bin/python bench/timm_zoo.py > /tmp/timm_zoo.log 2>&1 &
+    nohup nice -n 10 .venv/bin/python bench/timm_zoo.py > /tmp/timm_zoo.log 2>&1 &
+    .venv/bin/python bench/timm_zoo.py --resume --rerun convnext --families convnext
     .venv/bin/python bench/timm_zoo.py --families resnet convnext --out -
 """
 
@@ -96,6 +98,10 @@ def run_one(names: list[str], timeout: int) -> dict:
     else:
         return {"model": names[0], "status": "crash", "error": "no model of the family builds"}
     row: dict = {"model": name}
+    with torch.no_grad():  # layer scale (1e-6) and zero-init residual ends would hide what a plan changes
+        for p in model.parameters():
+            if p.numel() and p.abs().max() < 1e-4:
+                p.uniform_(0.5, 1.5)
     size = model.pretrained_cfg.get("input_size", (3, 224, 224))
     x = torch.randn(1, *size)
     row["input"] = list(size)
@@ -201,10 +207,12 @@ def main() -> None:
     parser.add_argument("--families", nargs="*", help="only these families, in this order")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per model")
     parser.add_argument("--resume", action="store_true", help="keep the families already in the results")
+    parser.add_argument("--rerun", nargs="*", default=[], help="with --resume: run these families again")
     parser.add_argument("--md-only", action="store_true", help="write the markdown from the saved results")
     parser.add_argument("--out", default=str(ROOT / "docs" / "zoo.md"), help="markdown file, '-' for stdout")
     args = parser.parse_args()
     results: dict[str, dict] = json.loads(RESULTS.read_text()) if args.resume or args.md_only else {}
+    results = {f: r for f, r in results.items() if f not in args.rerun}
     if not args.md_only:
         for fam, names in pick_models(args.families).items():
             if fam in results:
