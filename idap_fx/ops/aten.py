@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import fx
 
@@ -127,21 +128,39 @@ CONV_FUNCTIONS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
 def _conv_fn(ctx, node: fx.Node) -> Layout:
     """Functional convolution with its weight as a tensor: the coupling of ``nn.Conv*`` on the weight's dims."""
     x, weight, bias, g = _conv_args(node)
-    lay, lay_w = ctx.layout(x), ctx.layout(weight)
+    lay = ctx.layout(x)
     in_ids = layers._channel_axis(ctx, node, lay, 1)
     out_c, per_in = ctx.shape(weight)[:2]
-    w_out = lay_w.axis_of(0)
     out_ids = ctx.coupling.new_space(node.name, out_c)
-    if w_out is not None:
-        ctx.coupling.union(out_ids, w_out.ids, node.name)
-    if isinstance(bias, fx.Node) and (b_ax := ctx.layout(bias).axis_of(0)) is not None:
-        ctx.coupling.union(out_ids, b_ax.ids, node.name)
+    tie(ctx, node, weight, 0, out_ids)
+    tie(ctx, node, bias, 0, out_ids)
     columns = layers.couple_conv_groups(ctx, node, in_ids, out_ids, g, per_in)
-    if columns is not None and (w_in := lay_w.axis_of(1)) is not None:
-        ctx.coupling.union(columns, w_in.ids, node.name)
+    if columns is not None:
+        tie(ctx, node, weight, 1, columns)
     if in_ids is not None and not (g > 1 and per_in == 1):
         ctx.coupling.input_mask(node.name, 0, (1,), in_ids)  # the mask oracle zeroes consumed channels
     return Layout(lay.ndim, (Axis((1,), out_ids),))
+
+
+def tie(ctx, node: fx.Node, tensor: Any, dim: int, ids: np.ndarray | None) -> None:
+    """Couple dim ``dim`` of a weight-like tensor argument with ``ids``.
+
+    A tensor whose dim carries no channels (a weight computed by an opaque op, as weight
+    standardisation's) cannot shrink there: ``ids`` are frozen. ``ids=None`` (channels the
+    layer does not map) freezes the tensor's dim instead.
+    """
+    if not isinstance(tensor, fx.Node) or ctx.shape(tensor)[dim] <= 1:  # absent, or broadcast
+        return
+    t_ax = ctx.layout(tensor).axis_of(dim)
+    if ids is None:
+        if t_ax is not None:
+            ctx.coupling.freeze(t_ax.ids, f"{node.name}: maps fixed channels")
+    elif t_ax is None or t_ax.dims != (dim,):
+        if t_ax is not None:
+            ctx.coupling.freeze(t_ax.ids, f"{node.name}: weight dim {dim} is part of a multi-dim axis")
+        ctx.coupling.freeze(ids, f"{node.name}: {tensor.name} has a fixed size on dim {dim}")
+    else:
+        ctx.coupling.union(ids, t_ax.ids, node.name)
 
 
 def _per_channel(ctx, node: fx.Node, lay: Layout, tensors: list[Any]) -> None:
@@ -150,13 +169,7 @@ def _per_channel(ctx, node: fx.Node, lay: Layout, tensors: list[Any]) -> None:
     if ax is not None and ax.dims != (1,):
         raise ValueError("channel dim is part of a multi-dim axis")
     for t in tensors:
-        if not isinstance(t, fx.Node):
-            continue
-        t_ax = ctx.layout(t).axis_of(0)
-        if ax is not None and t_ax is not None:
-            ctx.coupling.union(ax.ids, t_ax.ids, node.name)
-        elif t_ax is not None:
-            ctx.coupling.freeze(t_ax.ids, f"{node.name}: normalises fixed channels")
+        tie(ctx, node, t, 0, None if ax is None else ax.ids)
 
 
 def _stats(ctx, node: fx.Node, index: int) -> Layout:

@@ -31,19 +31,6 @@ def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
-def _union_dim(ctx, node: fx.Node, tensor: Any, dim: int, ids: np.ndarray | None) -> None:
-    """Couple dim ``dim`` of a parameter tensor argument with ``ids`` (freeze it when ``ids`` is None)."""
-    if not isinstance(tensor, fx.Node):
-        return
-    t_ax = ctx.layout(tensor).axis_of(dim)
-    if t_ax is None:
-        return
-    if ids is None:
-        ctx.coupling.freeze(t_ax.ids, f"{node.name}: maps fixed channels")
-    else:
-        ctx.coupling.union(ids, t_ax.ids, node.name)
-
-
 # --- convolution: torch.conv1d/2d/3d share aten.conv*d's argument order and rule
 register(torch.conv1d, torch.conv2d, torch.conv3d, fix=aten_rules._fix_conv)(aten_rules._conv_fn)
 
@@ -88,9 +75,9 @@ def _conv_transpose_fn(ctx, node: fx.Node) -> Layout:
     x, weight, bias, groups = _transpose_args(node)
     lay = ctx.layout(x)
     in_ids, out_ids = transpose_conv_units(ctx, node, lay, ctx.shape(node)[1], groups)
-    _union_dim(ctx, node, weight, 1, out_ids)
-    _union_dim(ctx, node, bias, 0, out_ids)
-    _union_dim(ctx, node, weight, 0, in_ids)
+    aten_rules.tie(ctx, node, weight, 1, out_ids)
+    aten_rules.tie(ctx, node, bias, 0, out_ids)
+    aten_rules.tie(ctx, node, weight, 0, in_ids)
     if in_ids is not None:
         ctx.coupling.input_mask(node.name, 0, (1,), in_ids)  # the mask oracle zeroes consumed channels
     return Layout(lay.ndim, (Axis((1,), out_ids),))
@@ -190,8 +177,8 @@ def _group_norm_fn(ctx, node: fx.Node) -> Any:
     ids = _channel_ids(lay)
     if ids is not None:
         group_norm_units(ctx, node, ids, groups)
-    _union_dim(ctx, node, weight, 0, ids)
-    _union_dim(ctx, node, bias, 0, ids)
+    aten_rules.tie(ctx, node, weight, 0, ids)
+    aten_rules.tie(ctx, node, bias, 0, ids)
     if node.target is aten.native_group_norm.default:
         return lay, aten_rules._stats(ctx, node, 1), aten_rules._stats(ctx, node, 2)
     return lay

@@ -196,7 +196,7 @@ def _cat(ctx, node: fx.Node) -> Layout:
     pieces, operands = [], []
     for k, t in enumerate(tensors):
         lay, shape = ctx.layout(t), ctx.shape(t)
-        if shape[dim] == 0 and len(shape) == nd:  # an empty piece (a zero-size slice) adds nothing
+        if 0 in shape:  # an empty piece (a zero-size slice, a legacy 1-D empty tensor) adds nothing
             continue
         ax = lay.axis_of(dim)
         rest = tuple(a for a in lay.axes if a is not ax)
