@@ -10,6 +10,7 @@ from idap_fx.errors import (
     BudgetError,
     ExportError,
     IdapError,
+    OptionError,
     ParityError,
     PlanError,
     TraceError,
@@ -17,6 +18,7 @@ from idap_fx.errors import (
 from idap_fx.latency import LatencyReport, check_latency
 from idap_fx.onnx_export import ExportReport, export_onnx
 from idap_fx.optimize import OptimizeResult, optimize
+from idap_fx.options import Goal, PruneOptions, Recovery, SkipOptions
 from idap_fx.report import OptimizeReport
 from idap_fx.scoring import score
 from idap_fx.serialize import load, save
@@ -31,13 +33,18 @@ __all__ = [
     "DependencyGraph",
     "ExportError",
     "ExportReport",
+    "Goal",
     "GroupMember",
     "IdapError",
     "LatencyReport",
     "OptimizeReport",
     "OptimizeResult",
+    "OptionError",
     "ParityError",
     "PlanError",
+    "PruneOptions",
+    "Recovery",
+    "SkipOptions",
     "TraceError",
     "analyze",
     "check_latency",
