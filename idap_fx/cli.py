@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from idap_fx.errors import AnalysisError, BudgetError, ExportError, IdapError, TraceError
+from idap_fx.optimize import ALLOCATOR, MIN_KEEP, ROUND_TO
 
 EXIT_USAGE, EXIT_BUDGET, EXIT_EXPORT, EXIT_ANALYSIS, EXIT_OTHER = 2, 3, 4, 5, 1
 
@@ -129,8 +130,13 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--importance", default="divergence", help="divergence, l1, bn_scale, random")
     o.add_argument("--calibration", help="folder of images, or a .pt/.npy tensor file")
     o.add_argument(
-        "--round-to", type=int, default=8, help="keep widths multiples of this (8: fast ONNX Runtime convs)"
+        "--round-to",
+        type=int,
+        default=ROUND_TO,
+        help="keep widths multiples of this (fast ONNX Runtime convs)",
     )
+    o.add_argument("--allocator", default=ALLOCATOR, help="global, group, cost or sensitivity")
+    o.add_argument("--min-keep", type=float, default=MIN_KEEP, help="floor: fraction of each original width")
     o.add_argument("--opset", type=int, default=None)
     o.add_argument("--out", default="model.onnx", help="ONNX output path")
     o.add_argument("--report", default="report.json", help="JSON report path (a .md is written next to it)")
@@ -167,6 +173,8 @@ def _optimize(args: argparse.Namespace) -> int:
         passes=[p.strip() for p in args.passes.split(",") if p.strip()],
         importance=args.importance,
         round_to=args.round_to,
+        allocator=args.allocator,
+        min_keep=args.min_keep,
         opset=args.opset,
         latency=not args.no_latency,
         quiet=args.quiet or None,

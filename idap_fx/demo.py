@@ -116,7 +116,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         budget=None,
         train_loader=train if args.distill_steps else None,
         distill_steps=args.distill_steps or None,
-        round_to=8,
     )
     console.print(summary_table(summary, title=f"idap_fx demo: MobileNetV2 to {args.target_macs:.0%} MACs"))
     console.print(

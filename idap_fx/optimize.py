@@ -11,7 +11,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_manager import PassManager
 from tqdm.auto import tqdm
 
+from idap_fx.allocate import ALLOCATORS, Floors
 from idap_fx.analysis import analyze
 from idap_fx.budget import Budget
 from idap_fx.errors import BudgetError, IdapError
@@ -31,6 +32,9 @@ from idap_fx.stats import batch_args
 from idap_fx.trace import trace
 
 PASSES = ("prune_channels", "skip_layers")
+ALLOCATOR = "group"  # defaults chosen by measurement: docs/architecture.md, "Allocation"
+MIN_KEEP = 0.25
+ROUND_TO = 8
 
 
 @dataclass
@@ -137,9 +141,11 @@ def optimize(
     passes: Sequence[str] | None = None,
     importance: str | Importance = "divergence",
     schedule: str | Schedule | None = None,
+    allocator: str = ALLOCATOR,
+    min_keep: float = MIN_KEEP,
+    max_prune_ratio: float | Mapping[str, float] | None = None,
     min_channels: int = 1,
-    round_to: int = 1,
-    ranking: str = "group",
+    round_to: int = ROUND_TO,
     prune_inexact: bool = False,
     compensation: bool = True,
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
@@ -153,7 +159,10 @@ def optimize(
     """Prune ``traced_graph`` (a GraphModule or nn.Module) toward the targets within ``budget``.
 
     Targets are fractions of the original to keep (``target_macs=0.5``: half the MACs);
-    ``target_latency`` is in milliseconds of ONNX Runtime CPU latency. Without any target,
+    ``target_latency`` is in milliseconds of ONNX Runtime CPU latency. ``allocator``, ``min_keep``
+    (floor: fraction of each group's original width), ``max_prune_ratio`` (a float, or module name /
+    type name → ratio) and ``round_to`` (kept widths' multiple) decide which units go (``idap_fx.allocate``).
+    Without any target,
     pruning continues while the budget holds. With ``strict`` (default) an unreached target
     raises ``BudgetError`` whose ``.result`` holds the most compressed model within budget.
     """
@@ -176,8 +185,9 @@ def optimize(
         raise IdapError(
             "nothing to aim for: give a target (target_macs / target_params / target_latency) or a budget"
         )
-    if ranking not in ("group", "global"):
-        raise IdapError(f"ranking must be 'group' or 'global', got {ranking!r}")
+    if allocator not in ALLOCATORS:
+        raise IdapError(f"allocator must be one of {list(ALLOCATORS)}, got {allocator!r}")
+    floors = Floors(min_keep, min_channels, round_to, max_prune_ratio)
     batches = _batches(calibration, inputs, gm)
     score_batches, holdout, note = _split_holdout(batches)
     notes = [note] if note else []
@@ -211,9 +221,8 @@ def optimize(
                 params0=params0,
                 target_macs=target_macs,
                 target_params=target_params,
-                min_channels=min_channels,
-                round_to=round_to,
-                ranking=ranking,
+                floors=floors,
+                allocator=allocator,
                 prune_inexact=prune_inexact,
                 compensation=(fine_tune is None and train_loader is None)
                 if compensation is None

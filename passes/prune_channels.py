@@ -1,8 +1,8 @@
 """Stage 1: iterative divergence-scored channel / head pruning (method notes §2).
 
-Each step re-analyzes and re-scores the current model, removes the ⌊ρ_t·U⌋ lowest-scoring
-units (U = units still removable; global ranking across groups, ``min_channels`` and
-``round_to`` floors), recovers (compensation, distillation or the user's callback) and
+Each step re-analyzes and re-scores the current model, removes ⌊ρ_t·U⌋ units (U = units
+still removable above the floors; which ones is decided by ``idap_fx.allocate``: the
+allocator, the floors relative to the original widths, aligned widths), recovers (compensation, distillation or the user's callback) and
 checks the budget. The step that would overshoot the MAC / parameter target is trimmed
 by bisection on the number of units so the target is met, not passed by a whole step.
 A step that breaks the budget is rolled back and retried at half size (``backtracks``
@@ -18,10 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from idap_fx.allocate import Allocation, Floors, OriginalWidths, allocate
 from idap_fx.analysis import analyze
 from idap_fx.dependency import ChannelGroup, DependencyGraph, Plan
 from idap_fx.metrics import count_macs, count_params
@@ -29,78 +29,6 @@ from idap_fx.recovery import compensate, distill, run_fine_tune
 from idap_fx.schedule import Schedule
 from idap_fx.scoring import Scores, ScoringContext
 from idap_fx.surgery import prune
-
-
-def _min_units(g: ChannelGroup, min_channels: int, round_to: int) -> int:
-    per_unit = max(1, g.channels // g.size)
-    return max(1, math.ceil(max(min_channels, 1) / per_unit), min(round_to, g.size))
-
-
-def select_units(
-    scores: Scores,
-    groups: list[ChannelGroup],
-    count: int,
-    *,
-    min_channels: int = 1,
-    round_to: int = 1,
-) -> Plan:
-    """The ``count`` lowest-scoring units across ``groups`` (global ranking), within the floors.
-
-    A group keeps at least ``min_channels`` channels; with ``round_to`` > 1 its kept unit
-    count is rounded up to a multiple of ``round_to`` (hardware-friendly widths), and a
-    split part never loses all its units.
-    """
-    if count <= 0:
-        return {}
-    order = []
-    for g in groups:
-        s = np.asarray(scores[g.id], dtype=float)
-        order.extend((float(s[i]), g.id, int(i)) for i in range(g.size))
-    order.sort(key=lambda x: (x[0], x[1], x[2]))
-    by_id = {g.id: g for g in groups}
-    taken: dict[str, list[int]] = {g.id: [] for g in groups}
-    picked = 0
-    for _, gid, i in order:
-        g = by_id[gid]
-        if g.size - len(taken[gid]) - 1 < _min_units(g, min_channels, round_to):
-            continue
-        taken[gid].append(i)
-        if g.violated_part(taken[gid]) is not None:
-            taken[gid].pop()
-            continue
-        picked += 1
-        if picked >= count:
-            break
-    plan: dict[str, list[int]] = {}
-    for gid, idx in taken.items():
-        g = by_id[gid]
-        if round_to > 1 and idx:
-            kept = g.size - len(idx)
-            kept_rounded = min(g.size, math.ceil(kept / round_to) * round_to)
-            idx = idx[: g.size - kept_rounded]
-        if idx:
-            plan[gid] = sorted(idx)
-    return plan
-
-
-def normalise_per_group(scores: Scores) -> Scores:
-    """Each group's scores divided by their mean: the ranking compares units to their own layer.
-
-    Raw divergence is not comparable across layers (measured: on the digits CNN a global
-    ranking of raw scores emptied one 8×8 layer and kept 12.5 % accuracy at 70 % MACs;
-    normalised, 97.5 %). Groups whose mean is not a positive finite number keep raw scores.
-    """
-    out = {}
-    for gid, s in scores.items():
-        s = np.asarray(s, dtype=float)
-        mean = s.mean() if s.size else 0.0
-        out[gid] = s / mean if np.isfinite(mean) and mean > 0 else s
-    return out
-
-
-def removable_units(groups: list[ChannelGroup], min_channels: int, round_to: int) -> int:
-    """How many units the floors still allow to remove."""
-    return sum(max(0, g.size - _min_units(g, min_channels, round_to)) for g in groups)
 
 
 @dataclass
@@ -132,9 +60,8 @@ class PruneConfig:
     params0: int
     target_macs: float | None = None
     target_params: float | None = None
-    min_channels: int = 1
-    round_to: int = 1
-    ranking: str = "group"  # "group": scores / their group's mean before the global ranking; "global": raw
+    floors: Floors = field(default_factory=Floors)
+    allocator: str = "group"  # see idap_fx.allocate
     prune_inexact: bool = False
     compensation: bool = True
     fine_tune: Callable[[Any, Any], Any] | None = None
@@ -190,13 +117,13 @@ class PruneChannels(PassBase):
         return new, count_macs(new, self.cfg.example_inputs), count_params(new)
 
     def _trim(
-        self, gm: fx.GraphModule, dg: DependencyGraph, scores: Scores, groups: list[ChannelGroup], k: int
+        self, gm: fx.GraphModule, dg: DependencyGraph, alloc: Allocation, k: int
     ) -> tuple[Plan, fx.GraphModule, int, int]:
-        """Largest plan of ≤ k units; if it overshoots the target, the smallest one that reaches it."""
+        """The plan of ~k units; if it overshoots the target, the smallest one that reaches it."""
         cfg = self.cfg
 
         def make(n: int) -> tuple[Plan, fx.GraphModule, int, int]:
-            plan = select_units(scores, groups, n, min_channels=cfg.min_channels, round_to=cfg.round_to)
+            plan = alloc.plan(n)
             return (plan, *self._candidate(gm, dg, plan)) if plan else (plan, gm, -1, -1)
 
         best = make(k)
@@ -239,36 +166,43 @@ class PruneChannels(PassBase):
         current = graph_module
         modified = False
         bar = cfg.progress(range(cfg.schedule.steps), desc="prune_channels")
+        widths = None
         for t in bar:
             t0 = time.perf_counter()
             dg = analyze(current)
+            widths = widths or OriginalWidths(dg)
             self._time("analyze", t0)
             groups = self._groups(dg)
-            room = removable_units(groups, cfg.min_channels, cfg.round_to)
-            if room == 0:
-                self.stop_reason = "no removable units left (floors reached)"
-                break
             t0 = time.perf_counter()
             ctx = ScoringContext(current, dg, cfg.calibration, loss_fn=cfg.loss_fn, seed=cfg.seed + t)
             scores = cfg.importance(ctx)
             self.last_scores = scores
-            if cfg.ranking == "group":
-                scores = normalise_per_group(scores)
             self._time("score", t0)
+            t0 = time.perf_counter()
+            alloc = allocate(
+                cfg.allocator, current, dg, groups, scores, floors=cfg.floors, widths=widths,
+                example_inputs=cfg.example_inputs, batches=cfg.calibration[:2],
+                cost="params" if cfg.target_macs is None and cfg.target_params is not None else "macs",
+            )  # fmt: skip
+            self._time("allocate", t0)
+            if alloc.removable == 0:
+                self.stop_reason = "no removable units left (floors reached)"
+                break
             rho = cfg.schedule.rho(t)
             self.schedule_used.append(rho)
-            k = max(1, math.floor(rho * room))
-            accepted = False
+            k = max(1, math.floor(rho * alloc.removable))
+            accepted, tried = False, set()
             for attempt in range(cfg.backtracks + 1):
-                plan, cand, macs, params = self._trim(current, dg, scores, groups, k)
-                if not plan:
+                plan, cand, macs, params = self._trim(current, dg, alloc, k)
+                n_units = sum(len(v) for v in plan.values())
+                if not plan or n_units in tried:  # alignment: a smaller retry gives the same plan
                     break
+                tried.add(n_units)
                 cand, note = self._recover(current, cand, dg, plan, ctx)
                 params = count_params(cand)
                 t0 = time.perf_counter()
                 verdict = cfg.budget.check(cand)
                 self._time("budget", t0)
-                n_units = sum(len(v) for v in plan.values())
                 self.steps.append(
                     StepRecord(
                         t, rho, n_units, {g: len(v) for g, v in plan.items()}, macs, params,

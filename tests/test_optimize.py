@@ -10,10 +10,10 @@ import pytest
 import torch
 import torchvision
 from helpers import state_hash
-from idap_fx.passes.prune_channels import select_units
 from torch import nn
 
 import idap_fx
+from idap_fx.allocate import select_units
 from idap_fx.budget import Budget
 from idap_fx.errors import BudgetError, IdapError
 from idap_fx.metrics import count_macs
@@ -220,7 +220,7 @@ def test_latency_target_stops_pruning_when_met() -> None:
 
 
 def test_group_ranking_compares_units_within_their_layer() -> None:
-    from idap_fx.passes.prune_channels import normalise_per_group
+    from idap_fx.allocate import normalise_per_group
 
     scores = {
         "wide": np.array([1e-6, 2e-6, 3e-6]),
@@ -230,8 +230,8 @@ def test_group_ranking_compares_units_within_their_layer() -> None:
     norm = normalise_per_group(scores)
     np.testing.assert_allclose(norm["wide"], norm["narrow"])  # scale of a layer no longer decides
     assert np.isinf(norm["bn"]).all()
-    with pytest.raises(IdapError, match="ranking"):
-        idap_fx.optimize(_tiny(), torch.randn(1, 3, 8, 8), target_macs=0.5, ranking="per-layer", quiet=True)
+    with pytest.raises(IdapError, match="allocator"):
+        idap_fx.optimize(_tiny(), torch.randn(1, 3, 8, 8), target_macs=0.5, allocator="per-layer", quiet=True)
 
 
 def test_stage_two_alone_needs_no_target_or_budget() -> None:

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from idap_fx.passes.prune_channels import select_units
 from torch import nn
 
 import idap_fx
+from idap_fx.allocate import Floors, select_units
 from idap_fx.errors import IdapError
 from idap_fx.scoring import score
 
@@ -159,7 +159,10 @@ def test_select_units_ranks_globally_with_floors() -> None:
     # floors: never below min_channels
     plan = select_units(scores, groups, 100, min_channels=3)
     assert len(plan["conv1"]) == 5 and len(plan["conv2"]) == 3
-    # round_to: kept widths are multiples of 4
+    # round_to: kept widths are multiples of 4, or of a smaller power of two for groups narrower than 16
     plan = select_units(scores, groups, 5, round_to=4)
+    assert plan
     for g in groups:
-        assert (g.size - len(plan.get(g.id, []))) % 4 == 0 or g.size < 4
+        step = Floors(round_to=4).align(g.channels, 1)
+        assert step == {8: 2, 6: 1}[g.size]
+        assert (g.size - len(plan.get(g.id, []))) % step == 0
