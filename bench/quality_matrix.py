@@ -57,7 +57,9 @@ from idap_fx.recovery import train_with_frozen_batchnorm
 MODELS = ("digits", "mobile-digits", "mobilenet_v2", "minilm")
 ALLOCATORS = ("global", "group", "cost", "sensitivity")
 TP_METHODS = {"tp:global-l1": ("l1", True), "tp:uniform-l1": ("l1", False), "tp:taylor": ("taylor", True)}
-METHODS = ("idap_fx", *(f"alloc:{a}" for a in ALLOCATORS), "random", *TP_METHODS)
+# Torch-Pruning keeps widths aligned like idap_fx's default (``round_to``), so both give hardware-friendly widths.
+TP_ROUND_TO = inspect.signature(idap_fx.optimize).parameters["round_to"].default
+METHODS = ("idap_fx", *TP_METHODS, *(f"alloc:{a}" for a in ALLOCATORS), "random")
 
 
 def build_task(name: str, seed: int, args: argparse.Namespace) -> Task:
@@ -128,7 +130,7 @@ def tp_prune(
         importance = tp.importance.MagnitudeImportance(p=1)
     pruner = tp.pruner.MagnitudePruner(
         m, _example(task), importance=importance, pruning_ratio=ratio, global_pruning=global_pruning,
-        ignored_layers=task.ignored(m),
+        ignored_layers=task.ignored(m), round_to=TP_ROUND_TO,
     )  # fmt: skip
     pruner.step()
     m.zero_grad(set_to_none=True)
@@ -176,52 +178,75 @@ def recover(task: Task, student: nn.Module, steps: int, eval_every: int, seed: i
     return model.eval(), best[1]
 
 
+def prune(
+    task: Task, method: str, target: float, seed: int, ref_macs: int, grads: dict[str, torch.Tensor]
+) -> Any:
+    """The pruned model of one method (None where this idap_fx lacks the method)."""
+    if method in TP_METHODS:
+        return tp_to_macs(task, ref_macs, *TP_METHODS[method], grads)
+    kw = idap_kwargs(method)
+    if kw is None:
+        return None
+    res = idap_fx.optimize(task.model, task.example, calibration=task.calib, target_macs=target,
+                           budget=None, quiet=True, strict=False, seed=seed, **kw)  # fmt: skip
+    return res.model
+
+
+def run_cell(task: Task, method: str, target: float, seed: int, ref_macs: int, grads: Any, args: Any) -> dict:
+    """One row: prune, measure one-shot, run the shared recovery, measure again."""
+    t0 = time.perf_counter()
+    row: dict[str, Any] = {"model": args.model, "target": target, "method": method, "seed": seed}
+    try:
+        pruned = prune(task, method, target, seed, ref_macs, grads)
+    except Exception as exc:  # one failing method must not lose the rest of the matrix
+        return row | {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    if pruned is None:
+        return row | {"error": "not available in this idap_fx"}
+    prune_s = time.perf_counter() - t0
+    tuned, best_step = recover(task, pruned, args.steps, args.eval_every, seed)
+    keep, width = width_stats(task.model, pruned, task.heads)
+    return row | {
+        "macs_ratio": count_macs(pruned, task.example) / args.macs0, "one_shot": task.metric(task.model, pruned, task.test),
+        "recovered": task.metric(task.model, tuned, task.test), "best_step": best_step, "min_keep": keep,
+        "min_width": width, "prune_s": prune_s, "total_s": time.perf_counter() - t0,
+    }  # fmt: skip
+
+
 def run_model(name: str, seed: int, args: argparse.Namespace, out: dict[str, Any]) -> None:
     """Every (target, method) for one model and seed; each row is saved as soon as it exists."""
     task = build_task(name, seed, args)
-    macs0 = count_macs(task.model, task.example)
+    args.model, args.macs0 = name, count_macs(task.model, task.example)
     done = {(r["model"], r["target"], r["method"], r["seed"]) for r in out["rows"]}
     base = task.metric(task.model, task.model, task.test)
-    out["configs"][name] = {**config(args), "metric": task.metric_name, "macs": macs0, **task.info}
+    out["configs"][name] = {**config(args), "metric": task.metric_name, "macs": args.macs0, **task.info}
     if (name, 1.0, "unpruned", seed) not in done:
         save(out, args, {"model": name, "target": 1.0, "method": "unpruned", "seed": seed, "macs_ratio": 1.0,
                          "one_shot": base, "recovered": base})  # fmt: skip
-    print(f"{name} seed {seed}: {macs0 / 1e6:.2f} M MACs, {task.metric_name} {base:.2f}", flush=True)
+    print(f"{name} seed {seed}: {args.macs0 / 1e6:.2f} M MACs, {task.metric_name} {base:.2f}", flush=True)
     grads = taylor_grads(task) if "tp:taylor" in args.methods else {}
+    default = f"alloc:{inspect.signature(idap_fx.optimize).parameters['allocator'].default}"
     for target in args.targets:
-        ref_macs = None
         for method in sorted(args.methods, key=lambda m: m != "idap_fx"):  # the default first: TP matches it
             if (name, target, method, seed) in done:
                 continue
-            t0 = time.perf_counter()
-            if method in TP_METHODS:
-                if ref_macs is None:
-                    ref_macs = _reference_macs(out, name, target, seed, macs0)
-                pruned = tp_to_macs(task, ref_macs, *TP_METHODS[method], grads)
+            ref_macs = _reference_macs(out, name, target, seed, args.macs0)
+            ours = [
+                r
+                for r in out["rows"]
+                if (r["model"], r["target"], r["method"], r["seed"]) == (name, target, "idap_fx", seed)
+            ]
+            if method == default and ours:  # the default's own allocator: the same call, the same result
+                row = ours[0] | {"method": method, "same_as": "idap_fx"}
             else:
-                kw = idap_kwargs(method)
-                if kw is None:
-                    print(f"  {method}: not available in this idap_fx, skipped", flush=True)
-                    continue
-                res = idap_fx.optimize(task.model, task.example, calibration=task.calib, target_macs=target,
-                                       budget=None, quiet=True, strict=False, seed=seed, **kw)  # fmt: skip
-                pruned = res.model
-            prune_s = time.perf_counter() - t0
-            macs = count_macs(pruned, task.example)
-            if method == "idap_fx":
-                ref_macs = macs
-            one_shot = task.metric(task.model, pruned, task.test)
-            tuned, best_step = recover(task, pruned, args.steps, args.eval_every, seed)
-            keep, width = width_stats(task.model, pruned, task.heads)
-            row = {"model": name, "target": target, "method": method, "seed": seed, "macs_ratio": macs / macs0,
-                   "one_shot": one_shot, "recovered": task.metric(task.model, tuned, task.test),
-                   "best_step": best_step, "min_keep": keep, "min_width": width, "prune_s": prune_s,
-                   "total_s": time.perf_counter() - t0}  # fmt: skip
+                row = run_cell(task, method, target, seed, ref_macs, grads, args)
             save(out, args, row)
+            if "error" in row:
+                print(f"  {target:.0%} {method:<17} {row['error']}", flush=True)
+                continue
             print(
-                f"  {target:.0%} {method:<17} MACs {row['macs_ratio']:.3f} one-shot {one_shot:6.2f} "
-                f"recovered {row['recovered']:6.2f} (best step {best_step}) min keep {keep:.2f} / {width} "
-                f"{row['total_s']:.0f} s",
+                f"  {target:.0%} {method:<17} MACs {row['macs_ratio']:.3f} one-shot {row['one_shot']:6.2f} "
+                f"recovered {row['recovered']:6.2f} (best step {row['best_step']}) min keep "
+                f"{row['min_keep']:.2f} / {row['min_width']} {row.get('total_s', 0):.0f} s",
                 flush=True,
             )
 
@@ -229,7 +254,12 @@ def run_model(name: str, seed: int, args: argparse.Namespace, out: dict[str, Any
 def _reference_macs(out: dict[str, Any], name: str, target: float, seed: int, macs0: int) -> int:
     """The MACs Torch-Pruning is matched to: those of the idap_fx default's result (else the target)."""
     for r in out["rows"]:
-        if (r["model"], r["target"], r["method"], r["seed"]) == (name, target, "idap_fx", seed):
+        if (r["model"], r["target"], r["method"], r["seed"]) == (
+            name,
+            target,
+            "idap_fx",
+            seed,
+        ) and "error" not in r:
             return round(r["macs_ratio"] * macs0)
     return round(target * macs0)
 
@@ -247,7 +277,11 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
         "test_views",
         "test_sentences",
     )
-    return {k: getattr(args, k) for k in keys} | {"quick": args.quick, "torch": torch.__version__}
+    defaults = {k: v.default for k, v in inspect.signature(idap_fx.optimize).parameters.items()
+                if k in ("allocator", "min_keep", "round_to", "importance", "passes", "max_prune_ratio")}  # fmt: skip
+    return {k: getattr(args, k) for k in keys} | {
+        "quick": args.quick, "torch": torch.__version__, "idap_fx_defaults": defaults, "tp_round_to": TP_ROUND_TO,
+    }  # fmt: skip
 
 
 def save(out: dict[str, Any], args: argparse.Namespace, row: dict[str, Any]) -> None:

@@ -23,7 +23,9 @@ ORDER = ("digits", "mobile-digits", "mobilenet_v2", "minilm")
 
 
 def _vals(rows: list[dict[str, Any]], model: str, target: float, method: str, key: str) -> list[float]:
-    return [r[key] for r in rows if (r["model"], r["target"], r["method"]) == (model, target, method)]
+    return [
+        r[key] for r in rows if (r["model"], r["target"], r["method"]) == (model, target, method) and key in r
+    ]
 
 
 def _fmt(values: list[float]) -> str:
