@@ -333,6 +333,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     out: dict[str, Any] = {"rows": [], "configs": {}}
     if args.resume and Path(args.out).exists():
         out = json.loads(Path(args.out).read_text())
+        out["rows"] = [r for r in out["rows"] if "error" not in r]  # failed cells run again
     for name in args.models:
         seeds = args.seeds or ([0, 1, 2] if "digits" in name and not args.quick else [0])
         args.seeds = seeds

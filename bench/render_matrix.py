@@ -121,6 +121,13 @@ def markdown(out: dict[str, Any]) -> str:
         goal_table(rows),
         "",
     ]
+    errors = [r for r in rows if "error" in r]
+    if errors:
+        lines += ["## Cells that failed", ""]
+        lines += [
+            f"- {r['model']} {r['target']:.0%} {r['method']} seed {r['seed']}: {r['error']}" for r in errors
+        ]
+        lines.append("")
     for model in _models(rows):
         targets = _targets(rows, model)
         base = _fmt(_vals(rows, model, 1.0, "unpruned", "one_shot"))
