@@ -96,7 +96,8 @@ def _config_line(model: str, cfg: dict[str, Any], rows: list[dict[str, Any]]) ->
     return (
         f"**{model}** — metric: {cfg.get('metric', '?')}; seeds {seeds}; recovery {cfg.get('steps')} steps "
         f"(validation every {cfg.get('eval_every')}); calibration {cfg.get('calib')} batches; "
-        f"{cfg.get('macs', 0) / 1e6:.1f} M MACs unpruned; {extra}{'; QUICK run' if cfg.get('quick') else ''}"
+        f"{cfg.get('macs', 0) / 1e6:.1f} M MACs unpruned; idap_fx defaults {cfg.get('idap_fx_defaults')}; "
+        f"TP round_to {cfg.get('tp_round_to')}; {extra}{'; QUICK run' if cfg.get('quick') else ''}"
     )
 
 
@@ -110,7 +111,13 @@ def markdown(out: dict[str, Any]) -> str:
         "Torch-Pruning (TP) is matched to the MACs of the `idap_fx` default result; every MAC count is "
         "`idap_fx.metrics.count_macs`. *recovered*: after the same recovery loop for every method (best "
         "validation state kept, so never below one-shot on validation data). *min keep*: the smallest "
-        "fraction of a layer's output width kept (classifier excluded); *min width*: the smallest layer width.",
+        "fraction of a layer's output width kept (classifier excluded); *min width*: the smallest layer width. "
+        "Torch-Pruning keeps widths aligned to the same multiple as idap_fx's default (`round_to`, in the "
+        "configuration below); on MiniLM it prunes MLP units only (it cannot re-shape the traced attention "
+        "heads), idap_fx prunes heads and MLP units. `tp:taylor` ranks by first-order Taylor importance "
+        "(gradients of cross-entropy to the labels, else to the unpruned model's top-1; MiniLM: in-batch "
+        "contrastive loss to the unpruned embeddings). `alloc:<default>` is the `idap_fx` row itself "
+        "(the same call). A `–` is a cell that did not run.",
         "",
         "## Configuration that ran",
         "",
