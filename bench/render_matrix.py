@@ -20,6 +20,12 @@ ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- quality_matrix:begin -->", "<!-- quality_matrix:end -->"
 GOAL_ONE_SHOT, GOAL_RECOVERED = 3.0, 0.0
 ORDER = ("digits", "mobile-digits", "mobilenet_v2", "minilm")
+DATA_KEYS = {
+    "digits": ("test_images",),
+    "mobile-digits": ("test_images",),
+    "mobilenet_v2": ("size", "train_photos", "val_photos", "test_photos", "test_views"),
+    "minilm": ("seq", "test_sentences"),
+}
 
 
 def _vals(rows: list[dict[str, Any]], model: str, target: float, method: str, key: str) -> list[float]:
@@ -89,13 +95,22 @@ def goal_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _calibration(model: str, calib: int) -> str:
+    """What ``--calib`` meant for ``model`` (quality_matrix.build_task)."""
+    if model == "minilm":
+        return f"{max(2, calib // 2)} batches of 32 sentences"
+    if model == "mobilenet_v2":
+        return f"{calib} batches of 8 views of the training photos"
+    return f"{calib} batches of 64 training images"
+
+
 def _config_line(model: str, cfg: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     seeds = sorted({r["seed"] for r in rows if r["model"] == model})
-    extra = {k: cfg[k] for k in ("size", "test_views", "test_photos", "val_photos", "test_images", "test_sentences",
-                                 "seq") if k in cfg}  # fmt: skip
+    keys = DATA_KEYS.get(model, ())
+    extra = {k: cfg[k] for k in keys if k in cfg}
     return (
         f"**{model}** — metric: {cfg.get('metric', '?')}; seeds {seeds}; recovery {cfg.get('steps')} steps "
-        f"(validation every {cfg.get('eval_every')}); calibration {cfg.get('calib')} batches; "
+        f"(validation every {cfg.get('eval_every')}); calibration {_calibration(model, cfg.get('calib', 0))}; "
         f"{cfg.get('macs', 0) / 1e6:.1f} M MACs unpruned; idap_fx defaults {cfg.get('idap_fx_defaults')}; "
         f"TP round_to {cfg.get('tp_round_to')}; {extra}{'; QUICK run' if cfg.get('quick') else ''}"
     )
@@ -137,6 +152,8 @@ def markdown(out: dict[str, Any]) -> str:
         lines.append("")
     for model in _models(rows):
         targets = _targets(rows, model)
+        if not targets:
+            continue
         base = _fmt(_vals(rows, model, 1.0, "unpruned", "one_shot"))
         lines += [f"## {model} (unpruned: {base})", "", "| method | " + " | ".join(
             f"{t:.0%} MACs one-shot | {t:.0%} recovered | {t:.0%} min keep / width" for t in targets) + " |",
@@ -184,7 +201,8 @@ def plot(out: dict[str, Any], path: Path) -> None:
             ax.set_ylabel(out["configs"].get(model, {}).get("metric", "metric")[:40], fontsize=8)
             ax.invert_xaxis()
             ax.grid(alpha=0.3)
-        axes[i][1].legend(fontsize=7, loc="lower left")
+        if _methods(rows, model):
+            axes[i][1].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
