@@ -315,7 +315,7 @@ class Allocation:
 
 
 def _chunk_keys(unit_keys: np.ndarray, order: list[int], ends: list[int]) -> list[float]:
-    starts = [0, *ends[:-1]] if ends else []
+    starts = [0, *ends][: len(ends)]  # no chunk (a group at its floor): no key
     return [float(np.mean(unit_keys[order[a:b]])) for a, b in zip(starts, ends, strict=True)]
 
 
