@@ -33,7 +33,7 @@ def test_docs_tables_match_their_results_files() -> None:
 
 def test_the_docs_do_use_generated_figures() -> None:
     names = {m.group(1) for p in rd.docs_files() for m in rd.MARKER.finditer(p.read_text())}
-    assert {"scoring_overhead", "mobilenet_real", "quality", "peak_memory"} <= {
+    assert {"demo", "scoring_overhead", "mobilenet_real", "quality", "peak_memory"} <= {
         n.split("/")[0] for n in names
     }, names
 
