@@ -205,16 +205,27 @@ class Floors:
         return min(math.ceil(keep / step) * step, max(orig_units, keep)), step
 
 
-def removal_order(g: ChannelGroup, scores: np.ndarray, floor: int) -> list[int]:
-    """The units ``g`` may lose, lowest score first; units that would empty a part are skipped."""
+def removal_order(g: ChannelGroup, scores: np.ndarray, floor: int, part_keep: float = 0.0) -> list[int]:
+    """The units ``g`` may lose, lowest score first; units that would empty a part (or take it below
+    ``part_keep`` of its width: a concatenated branch is a layer too) are skipped."""
     order = np.argsort(np.asarray(scores, dtype=float), kind="stable")
+    part_of = {int(u): k for k, part in enumerate(g.parts) for u in part.tolist()}
+    left = [len(p) for p in g.parts]
+    least = [max(1, math.ceil(part_keep * n - 1e-9)) for n in left]
     taken: list[int] = []
     for i in order.tolist():
         if g.size - len(taken) <= floor:
             break
+        k = part_of.get(i)
+        if k is not None and left[k] - 1 < least[k]:
+            continue
         taken.append(i)
+        if k is not None:
+            left[k] -= 1
         if g.violated_part(taken) is not None:
             taken.pop()
+            if k is not None:
+                left[k] += 1
     return taken
 
 
@@ -288,7 +299,7 @@ class Allocation:
         j = ends.index(end)
         return ends[j - 1] if j else 0
 
-    def alternatives(self, n: int, limit: int = 8) -> list[Plan]:
+    def alternatives(self, n: int, limit: int = 24) -> list[Plan]:
         """Plans next to ``plan(n)`` for when its last chunk overshoots a target by a whole aligned chunk.
 
         The last chunk is swapped for the next chunk of another group (best-ranked first, at
@@ -338,7 +349,8 @@ def allocate(
     orders, bounds = {}, {}
     for g in groups:
         floor, step = floors.floor_units(g, widths.channels(g), floors.cap(gm, g))
-        orders[g.id] = removal_order(g, scores[g.id], floor)
+        scale = widths.channels(g) / max(g.channels, 1)
+        orders[g.id] = removal_order(g, scores[g.id], floor, floors.min_keep * scale)
         bounds[g.id] = chunk_bounds(g.size, len(orders[g.id]), step)
     if allocator in ("global", "group"):
         unit = scores if allocator == "global" else normalise_per_group(scores)

@@ -34,6 +34,8 @@ def test_removal_order_skips_units_that_would_empty_a_part_and_stops_at_the_floo
     assert order[:2] == [0, 2] and 1 not in order  # unit 1 would empty part0: skipped, never taken
     assert len(order) == 6  # 8 units, floor 2
     assert g.violated_part(order) is None
+    kept = set(range(8)) - set(removal_order(g, np.arange(8.0), floor=0, part_keep=0.5))
+    assert len(kept & {0, 1}) >= 1 and len(kept & {2, 3, 4, 5, 6, 7}) >= 3  # a branch keeps its floor too
 
 
 def test_chunks_keep_aligned_widths_and_never_empty_a_group() -> None:
