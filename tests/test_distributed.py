@@ -11,6 +11,7 @@ other one promptly with a clear error and no output file.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import math
 import os
@@ -45,6 +46,7 @@ from idap_fx.distributed import (
     world_size,
 )
 from idap_fx.metrics import count_params
+from idap_fx.recovery import distill
 from idap_fx.stats import UnitIndex, find_sites
 
 WORLD = 2
@@ -239,6 +241,14 @@ def _main_job(r: int, out_dir: Path) -> dict[str, Any]:
     hashes: list[Any] = [None] * world_size()
     dist.all_gather_object(hashes, state_hash(tuned.model))
     got["ddp_hashes"], got["ddp_plan"] = hashes, _plan_of(tuned)
+    got["ddp_recovery"] = [(r["steps"], r["kept_step"]) for r in tuned.report.recovery]
+    # The held-out guard may keep the starting weights; distil once more without it, so the weights
+    # must move, and identical results on both ranks can only come from averaged gradients.
+    student = copy.deepcopy(tuned.model)
+    distill(student, tuned.model, DataLoader(data, batch_size=4), steps=2, lr=1e-2)
+    moved: list[Any] = [None] * world_size()
+    dist.all_gather_object(moved, (state_hash(tuned.model), state_hash(student)))
+    got["ddp_moved"] = moved
 
     t0 = time.time()
     if rank() == 1:
@@ -431,8 +441,13 @@ def test_ddp_fine_tuning_keeps_ranks_identical(runs: dict[str, Any]) -> None:
     got = [res[0]["value"] for res in runs["main"]]
     for g in got:  # each rank trained on its own images; DDP averaged the gradients
         assert g["ddp_hashes"][0] == g["ddp_hashes"][1]
-        assert g["ddp_hashes"][0] != g["hash"]  # distillation did train (not compensation-only weights)
         assert g["ddp_plan"]["shapes"] == got[0]["ddp_plan"]["shapes"]
+        # every recovery ran its steps and both ranks kept the same step (the held-out measure is summed)
+        assert g["ddp_recovery"] and all(steps for steps, _ in g["ddp_recovery"])
+        assert g["ddp_recovery"] == got[0]["ddp_recovery"]
+        (before0, after0), (before1, after1) = g["ddp_moved"]
+        assert before0 == before1 and after0 == after1  # identical across ranks after unguarded distillation
+        assert after0 != before0  # and it did train
 
 
 def test_a_late_rank_fails_the_barrier_by_name(runs: dict[str, Any]) -> None:
