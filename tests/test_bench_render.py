@@ -27,6 +27,7 @@ ROWS = [
 def test_margin_is_against_the_best_tp_variant_per_phase() -> None:
     (cell,) = render_matrix.goal_rows(ROWS)
     assert cell["one_shot"] == (61.0, "tp:uniform-l1", 58.0, 3.0)  # random is not a TP variant
+    assert cell["one_shot_macs"] == (0.5, 0.5)
     assert cell["recovered"] == (91.0, "tp:global-l1", 95.0, -4.0)
     table = render_matrix.goal_table(ROWS)
     assert "+3.0 pass" in table and "-4.0 **fail**" in table
