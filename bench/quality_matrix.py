@@ -8,8 +8,7 @@ all-MiniLM-L6-v2 on standard-library docstrings split by module (metric: cosine 
 unpruned embedding × 100 on held-out sentences).
 
 Methods: ``idap_fx`` (``optimize`` with its defaults), ``alloc:<name>`` (each allocator,
-``optimize(allocator=name)``; before the allocators exist, ``alloc:global`` /
-``alloc:group`` map to ``ranking=``), ``random`` (idap_fx with random importance),
+``optimize(allocator=name)``), ``random`` (idap_fx with random importance),
 Torch-Pruning 1.6.1 ``MagnitudePruner`` with ``tp:global-l1`` (L1, global ranking),
 ``tp:uniform-l1`` (L1, the same ratio in every layer) and ``tp:taylor`` (first-order
 Taylor, global; gradients of cross-entropy to the labels, or to the unpruned model's
@@ -36,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import itertools
 import json
 import time
@@ -52,13 +50,14 @@ from torch import nn
 
 import idap_fx
 from idap_fx.metrics import count_macs
+from idap_fx.options import PruneOptions
 from idap_fx.recovery import train_with_frozen_batchnorm
 
 MODELS = ("digits", "mobile-digits", "mobilenet_v2", "minilm")
 ALLOCATORS = ("global", "group", "cost", "sensitivity")
 TP_METHODS = {"tp:global-l1": ("l1", True), "tp:uniform-l1": ("l1", False), "tp:taylor": ("taylor", True)}
 # Torch-Pruning keeps widths aligned like idap_fx's default (``round_to``), so both give hardware-friendly widths.
-TP_ROUND_TO = inspect.signature(idap_fx.optimize).parameters["round_to"].default
+TP_ROUND_TO = PruneOptions().round_to
 METHODS = ("idap_fx", *TP_METHODS, *(f"alloc:{a}" for a in ALLOCATORS), "random")
 
 
@@ -81,10 +80,7 @@ def idap_kwargs(method: str) -> dict[str, Any] | None:
         return {}
     if method == "random":
         return {"importance": "random"}
-    name = method.split(":", 1)[1]
-    if "allocator" in inspect.signature(idap_fx.optimize).parameters:
-        return {"allocator": name}
-    return {"ranking": name} if name in ("global", "group") else None
+    return {"allocator": method.split(":", 1)[1]}
 
 
 def width_stats(original: nn.Module, pruned: nn.Module, heads: tuple[str, ...]) -> tuple[float, int]:
@@ -226,7 +222,7 @@ def run_model(name: str, seed: int, args: argparse.Namespace, out: dict[str, Any
                          "one_shot": base, "recovered": base})  # fmt: skip
     print(f"{name} seed {seed}: {args.macs0 / 1e6:.2f} M MACs, {task.metric_name} {base:.2f}", flush=True)
     grads = taylor_grads(task) if "tp:taylor" in args.methods else {}
-    default = f"alloc:{inspect.signature(idap_fx.optimize).parameters['allocator'].default}"
+    default = f"alloc:{PruneOptions().allocator}"
     for target in args.targets:
         for method in sorted(args.methods, key=lambda m: m != "idap_fx"):  # the default first: TP matches it
             if (name, target, method, seed) in done:
@@ -279,8 +275,11 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
         "test_views",
         "test_sentences",
     )
-    defaults = {k: v.default for k, v in inspect.signature(idap_fx.optimize).parameters.items()
-                if k in ("allocator", "min_keep", "round_to", "importance", "passes", "max_prune_ratio")}  # fmt: skip
+    opts = PruneOptions()
+    defaults = {
+        k: getattr(opts, k) for k in ("allocator", "min_keep", "round_to", "importance", "max_prune_ratio")
+    }
+    defaults["passes"] = None
     return {k: getattr(args, k) for k in keys} | {
         "quick": args.quick, "torch": torch.__version__, "idap_fx_defaults": defaults, "tp_round_to": TP_ROUND_TO,
     }  # fmt: skip
