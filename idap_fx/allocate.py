@@ -192,17 +192,29 @@ class Floors:
         return max(1, r // math.gcd(r, per_unit))
 
     def floor_units(self, g: ChannelGroup, original_channels: int, cap: float = 1.0) -> tuple[int, int]:
-        """(units ``g`` must keep, alignment step in units) under prune-ratio ``cap``."""
-        per_unit = max(1, g.channels // max(g.size, 1))
-        orig_units = max(1, original_channels // per_unit)
+        """(units ``g`` must keep, alignment step in units) under prune-ratio ``cap``.
+
+        ``original_channels`` counts the group's channels in every layer it spans (as
+        ``g.channels`` does); widths and alignment are those of one layer: a unit is
+        ``layer_channels_per_unit(g)`` channels of each layer it touches (1, or head_dim).
+        """
+        orig_units = max(1, round(original_channels * g.size / max(g.channels, 1)))
+        per_unit = layer_channels_per_unit(g)
         keep = max(
             1,
             math.ceil(self.min_channels / per_unit),
             math.ceil(self.min_keep * orig_units - 1e-9),
             math.ceil((1 - cap) * orig_units - 1e-9),
         )
-        step = self.align(original_channels, per_unit)
+        step = self.align(orig_units * per_unit, per_unit)
         return min(math.ceil(keep / step) * step, max(orig_units, keep)), step
+
+
+def layer_channels_per_unit(g: ChannelGroup) -> int:
+    """Channels one unit of ``g`` holds in one layer: 1 for a channel, head_dim for a head, the group
+    count for a grouped conv's in-group position (the smallest whole ratio over the group's members)."""
+    ratios = [m.count // g.size for m in g.members if g.size and m.count and m.count % g.size == 0]
+    return max(1, min(ratios)) if ratios else 1
 
 
 def removal_order(g: ChannelGroup, scores: np.ndarray, floor: int, part_keep: float = 0.0) -> list[int]:

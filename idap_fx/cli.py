@@ -252,9 +252,9 @@ def _optimize(args: argparse.Namespace) -> int:
         plan_only=plan_only,
         warnings=warnings,
         quiet=args.quiet or None,
-        int8=args.int8,
-        keep_fp32=[k.strip() for k in args.keep_fp32.split(",") if k.strip()],
-        sweep=args.sweep,
+        int8=getattr(args, "int8", False),  # optimize only; `plan` writes no model
+        keep_fp32=[k.strip() for k in getattr(args, "keep_fp32", "").split(",") if k.strip()],
+        sweep=getattr(args, "sweep", False),
     )
     console = Console()
     console.print(summary_table(summary, title=f"idap-fx {args.command} {args.model}"))

@@ -195,7 +195,11 @@ def _stream_width(gm: nn.Module) -> set[int]:
 @pytest.mark.parametrize("name", ["bert", "vit"])
 def test_optimize_prunes_the_stream_only_with_prune_inexact(hf: ModuleType, name: str) -> None:
     gm, x, _ = _stream_case(hf, name)
-    on = idap_fx.optimize(gm, x, prune_inexact=True, target_macs=0.7, budget=None, quiet=True, strict=False)
+    # the group-relative allocator, so the stream competes on score alone (the default "cost" allocator
+    # prefers the cheaper MLP and head units of this tiny config at 0.7 MACs and may leave the stream whole)
+    on = idap_fx.optimize(
+        gm, x, prune_inexact=True, target_macs=0.7, budget=None, quiet=True, strict=False, allocator="group"
+    )
     assert on.report.target_reached
     assert on.report.macs_ratio <= 0.7 * 1.03
     width = _stream_width(on.model)
