@@ -54,11 +54,15 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def _fraction(text: str) -> float:
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+
+
+def _fraction(text: str) -> float:
+    value = _number(text)
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(
             f"is the fraction of the original to keep, in (0, 1): {text} is impossible (0.5 keeps half)"
@@ -67,10 +71,7 @@ def _fraction(text: str) -> float:
 
 
 def _share(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    value = _number(text)
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"is a share of a layer's original width, in [0, 1]: {text} is not")
     return value

@@ -31,7 +31,7 @@ TARGET_TOLERANCE = 0.01
 says so, ``strict`` raises otherwise): stage 1 bisects its last step on the unit count, so it lands
 within 1 % whenever one unit is finer than that."""
 
-ALLOCATOR = "cost"
+ALLOCATOR = "group"
 """Stage 1's default allocator (``idap_fx.allocate``), chosen by measurement: docs/architecture.md, "Allocation"."""
 MIN_KEEP = 0.25
 """Default floor: every group keeps at least this fraction of its original width (never starved)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 from torch import fx
@@ -21,6 +21,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from idap_fx.errors import AnalysisError
 from idap_fx.options import Goal, PassOptions, Recovery
+from idap_fx.recovery import distill, run_fine_tune
 
 
 def _no_progress(it: Any, **kw: Any) -> Any:
@@ -93,6 +94,25 @@ class IdapPass(PassBase):
         finally:
             timings = self.record.timings
             timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - t0
+
+    def train_recovery(
+        self, model: fx.GraphModule, teacher: fx.GraphModule, at: Any
+    ) -> tuple[fx.GraphModule, str]:
+        """``Recovery``'s training (the user's callback, else distillation), guarded by the budget's
+        held-out measure; each run is recorded in ``record.recovery`` (``at``: where in the pass)."""
+        rec, measure = self.ctx.recovery, self.ctx.budget.recovery_measure
+        record, note = None, ""
+        if rec.fine_tune is not None:
+            model, record = run_fine_tune(rec.fine_tune, model, teacher, measure)
+            note = "fine_tune callback"
+        elif rec.train_loader is not None:
+            record = distill(
+                model, teacher, rec.train_loader, steps=rec.distill_steps, measure=measure, progress=self.ctx.progress
+            )  # fmt: skip
+            note = "distilled"
+        if record is not None:
+            self.record.recovery.append({"pass": self.name, "at": at} | asdict(record))
+        return model, note
 
     def requires(self, graph_module: fx.GraphModule) -> None:
         """The input carries shapes (``idap_fx.trace`` / ``record_shapes`` put them there)."""

@@ -27,7 +27,7 @@ from idap_fx.dependency import ChannelGroup, DependencyGraph, Plan
 from idap_fx.errors import OptionError
 from idap_fx.metrics import count_macs, count_params
 from idap_fx.options import PruneOptions
-from idap_fx.recovery import compensate, distill, run_fine_tune
+from idap_fx.recovery import compensate
 from idap_fx.schedule import Schedule, get_schedule
 from idap_fx.scoring import Importance, Scores, ScoringContext, get_importance
 from idap_fx.surgery import prune
@@ -176,25 +176,8 @@ class PruneChannels(IdapPass):
         with self.timed("recover"):
             if rec.compensation:
                 notes.append(f"compensated {compensate(before, after, dg, plan, ctx.sites)} layers")
-            measure = self.ctx.budget.recovery_measure
-            record = None
-            if rec.fine_tune is not None:
-                after, record = run_fine_tune(rec.fine_tune, after, before, measure)
-                notes.append("fine_tune callback")
-            elif rec.train_loader is not None:
-                record = distill(
-                    after,
-                    before,
-                    rec.train_loader,
-                    steps=rec.distill_steps,
-                    measure=measure,
-                    progress=self.ctx.progress,
-                )
-                notes.append("distilled")
-            if record is not None:
-                self.record.recovery.append(
-                    {"pass": "prune_channels", "at": len(self.record.steps)} | asdict(record)
-                )
+            after, note = self.train_recovery(after, before, len(self.record.steps))
+            notes += [note] if note else []
         return after, ", ".join(notes)
 
     def _scores(self, current: fx.GraphModule, dg: DependencyGraph, t: int) -> tuple[Scores, ScoringContext]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-from dataclasses import asdict
 from typing import Any
 
 from idap_fx.passes.base import IdapPass, PassContext
@@ -24,7 +23,6 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from idap_fx.metrics import count_macs, count_params
 from idap_fx.options import SkipOptions
-from idap_fx.recovery import distill, run_fine_tune
 from idap_fx.skip_candidates import Candidate, find_candidates, remove
 from idap_fx.skip_scores import layer_scores
 from idap_fx.trace import record_shapes
@@ -45,25 +43,8 @@ class SkipLayers(IdapPass):
     def _recover(
         self, model: fx.GraphModule, teacher: fx.GraphModule, what: str
     ) -> tuple[fx.GraphModule, str]:
-        rec = self.ctx.recovery
-        note, record, measure = "", None, self.ctx.budget.recovery_measure
         with self.timed("skip_recover"):
-            if rec.fine_tune is not None:
-                model, record = run_fine_tune(rec.fine_tune, model, teacher, measure)
-                note = "fine_tune callback"
-            elif rec.train_loader is not None:
-                record = distill(
-                    model,
-                    teacher,
-                    rec.train_loader,
-                    steps=rec.distill_steps,
-                    measure=measure,
-                    progress=self.ctx.progress,
-                )
-                note = "distilled"
-        if record is not None:
-            self.record.recovery.append({"pass": "skip_layers", "at": what} | asdict(record))
-        return model, note
+            return self.train_recovery(model, teacher, what)
 
     def _scored(self, gm: fx.GraphModule) -> tuple[list[Candidate], dict[Any, float], dict[Any, Any]]:
         with self.timed("skip_discover"):
