@@ -14,10 +14,10 @@ from idap_fx.allocate import (
     allocate,
     chunk_bounds,
     removal_order,
-    unit_costs,
 )
 from idap_fx.dependency import ChannelGroup
 from idap_fx.errors import IdapError
+from idap_fx.unit_cost import unit_costs
 
 
 def _group(gid: str, size: int, parts: list[list[int]] | None = None) -> ChannelGroup:
