@@ -116,6 +116,47 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 51
     return 100.0 * (pred == y).float().mean().item()
 
 
+def train_classifier(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    validate: Callable[[nn.Module], float],
+    *,
+    seed: int,
+    lr: float,
+    weight_decay: float,
+    batch: int,
+    epochs: int,
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+) -> tuple[float, int]:
+    """Cross-entropy training (AdamW, one-cycle) that keeps the best-validation epoch in ``model``.
+
+    The one training loop of the digits benches; returns (best validation score, its epoch).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    per_epoch = len(x) // batch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * per_epoch)
+    best, best_epoch, best_state = -1.0, -1, None
+    for epoch in range(epochs):
+        model.train()
+        order = torch.randperm(len(x), generator=gen)
+        for i in range(per_epoch):
+            idx = order[i * batch : (i + 1) * batch]
+            inputs = augment(x[idx], gen) if augment is not None else x[idx]
+            loss = F.cross_entropy(model(inputs), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        val = validate(model)
+        if val >= best:
+            best, best_epoch = val, epoch
+            best_state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    return best, best_epoch
+
+
 def fine_tune(
     model: nn.Module,
     teacher: nn.Module,

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _data import augmented_views, digits_splits, imagenet_mobilenet_v2, photos, seed_all
+from _data import augmented_views, digits_splits, imagenet_mobilenet_v2, photos, seed_all, train_classifier
 from torch import nn
 
 Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor | None]
@@ -206,26 +206,11 @@ def _train_digits(build: Callable[[], nn.Module], arch: str, seed: int, data: di
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
-    x, y = data["train"]
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=TRAIN["lr"], weight_decay=TRAIN["weight_decay"])
-    per_epoch = len(x) // TRAIN["batch"]
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, TRAIN["lr"], total_steps=TRAIN["epochs"] * per_epoch)
-    best, best_state = -1.0, None
-    for _ in range(TRAIN["epochs"]):
-        model.train()
-        order = torch.randperm(len(x), generator=gen)
-        for i in range(per_epoch):
-            idx = order[i * TRAIN["batch"] : (i + 1) * TRAIN["batch"]]
-            loss = F.cross_entropy(model(_shift(x[idx], gen)), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        val = label_accuracy(model, model, _split((data["val"][0],), data["val"][1], 512))
-        if val >= best:
-            best, best_state = val, {k: v.clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(best_state)
+    val = _split((data["val"][0],), data["val"][1], 512)
+    train_classifier(
+        model, *data["train"], lambda m: label_accuracy(m, m, val), seed=seed, lr=TRAIN["lr"],
+        weight_decay=TRAIN["weight_decay"], batch=TRAIN["batch"], epochs=TRAIN["epochs"], augment=_shift,
+    )  # fmt: skip
     torch.save(model.state_dict(), path)
     return model.eval()
 

@@ -31,6 +31,7 @@ from _data import (
     seed_all,
     single_thread,
     tp_prune_to_macs,
+    train_classifier,
 )
 from quality import train_model
 from torch import nn
@@ -80,26 +81,10 @@ def train_mobile(seed: int, data: dict[str, Any], epochs: int = 40) -> nn.Module
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
-    x, y = data["train"]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=5e-4)
-    steps = len(x) // 64
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * steps)
-    gen = torch.Generator().manual_seed(seed)
-    best, best_state = -1.0, None
-    for _ in range(epochs):
-        model.train()
-        order = torch.randperm(len(x), generator=gen)
-        for i in range(steps):
-            idx = order[i * 64 : (i + 1) * 64]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        val = accuracy(model, *data["val"])
-        if val >= best:
-            best, best_state = val, {k: v.clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(best_state)
+    train_classifier(
+        model, *data["train"], lambda m: accuracy(m, *data["val"]), seed=seed, lr=3e-3, weight_decay=5e-4,
+        batch=64, epochs=epochs,
+    )  # fmt: skip
     torch.save(model.state_dict(), path)
     return model.eval()
 

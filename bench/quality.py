@@ -55,6 +55,7 @@ from _data import (
     seed_all,
     single_thread,
     tp_prune_to_macs,
+    train_classifier,
 )
 from _results import table
 from render_docs import markdown_table
@@ -111,28 +112,10 @@ def train_model(
         model.load_state_dict(blob["state"])
         return model.eval(), blob["info"]
     x, y = data["train"]
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=TRAIN["lr"], weight_decay=TRAIN["weight_decay"])
-    steps_per_epoch = len(x) // TRAIN["batch"]
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, TRAIN["lr"], total_steps=TRAIN["epochs"] * steps_per_epoch
-    )
-    best, best_state, best_epoch = -1.0, None, -1
-    for epoch in range(TRAIN["epochs"]):
-        model.train()
-        order = torch.randperm(len(x), generator=gen)
-        for i in range(steps_per_epoch):
-            idx = order[i * TRAIN["batch"] : (i + 1) * TRAIN["batch"]]
-            loss = F.cross_entropy(model(_shift(x[idx], gen)), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        val = accuracy(model, *data["val"])
-        if val >= best:
-            best, best_epoch = val, epoch
-            best_state = {k: v.clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(best_state)
+    best, best_epoch = train_classifier(
+        model, x, y, lambda m: accuracy(m, *data["val"]), seed=seed, lr=TRAIN["lr"],
+        weight_decay=TRAIN["weight_decay"], batch=TRAIN["batch"], epochs=TRAIN["epochs"], augment=_shift,
+    )  # fmt: skip
     info = {"val": best, "epoch": best_epoch, "train": accuracy(model, *data["train"])}
     torch.save({"state": model.state_dict(), "info": info}, path)
     return model.eval(), info
