@@ -304,7 +304,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _viz(args: argparse.Namespace) -> int:
     import idap_fx
-    from idap_fx.visualize import visualize, visualize_plan
+    from idap_fx.plan_page import visualize_plan
+    from idap_fx.visualize import visualize
 
     if args.plan:
         path = visualize_plan(args.plan, args.out)
