@@ -21,7 +21,12 @@ Stage 1 asks one question each step: which ``n`` units go next? The answer is bu
   - ``sensitivity``: per group, the label-free output deviation of masking its lowest-scored
     units (``idap_fx.mask``) at a few keep ratios on the calibration batches; chunks are
     ranked by the slope of the lower convex hull of deviation over MACs saved — the
-    Lagrangian solution of "reach the MAC target with the least total deviation".
+    Lagrangian solution of "reach the MAC target with the least total deviation";
+  - ``auto`` (the default) is not an allocator of its own: stage 1 runs once with each of
+    ``AUTO_CANDIDATES`` and keeps the result with the least output deviation from its input
+    on the calibration batches (``passes.prune_channels``). No single allocator won every
+    model and target measured, and that deviation picked the best one after recovery in
+    each (docs/architecture.md, "Allocation").
 
 Unit cost is measured in ``idap_fx.unit_cost``: torch's FLOP counter per graph node times the
 share of the node's channels the unit holds, so a unit of a 4×4 layer costs 1/196 of one at 56×56.
@@ -42,7 +47,9 @@ from idap_fx.dependency import ChannelGroup, DependencyGraph, Plan
 from idap_fx.errors import IdapError
 from idap_fx.unit_cost import unit_costs
 
-ALLOCATORS = ("global", "group", "cost", "sensitivity")
+ALLOCATORS = ("auto", "global", "group", "cost", "sensitivity")
+AUTO_CANDIDATES = ("group", "cost", "sensitivity")
+"""What ``auto`` runs and measures (``global`` is left out: it was last or near last in every cell measured)."""
 Scores = dict[str, np.ndarray]
 
 
@@ -276,10 +283,14 @@ def allocate(
     example_inputs: Sequence[Any],
     cost: str = "macs",
     batches: Sequence[Any] = (),
+    costs: Mapping[str, tuple[float, float]] | None = None,
 ) -> Allocation:
-    """Rank the aligned removal chunks of ``groups`` with ``allocator`` (see the module docstring)."""
-    if allocator not in ALLOCATORS:
-        raise IdapError(f"allocator must be one of {list(ALLOCATORS)}, got {allocator!r}")
+    """Rank the aligned removal chunks of ``groups`` with ``allocator`` (see the module docstring).
+
+    ``costs`` (``unit_costs`` of ``groups``) may be passed when the caller measured them already.
+    """
+    if allocator not in ALLOCATORS or allocator == "auto":
+        raise IdapError(f"allocator must be one of {list(ALLOCATORS[1:])} here, got {allocator!r}")
     orders, bounds = {}, {}
     for g in groups:
         floor, step = floors.floor_units(g, widths.channels(g), floors.cap(gm, g))
@@ -290,7 +301,7 @@ def allocate(
         unit = scores if allocator == "global" else normalise_per_group(scores)
         keys = {g.id: _chunk_keys(np.asarray(unit[g.id], float), orders[g.id], bounds[g.id]) for g in groups}
         return Allocation(orders, bounds, keys)
-    costs = unit_costs(gm, groups, example_inputs)
+    costs = costs if costs is not None else unit_costs(gm, groups, example_inputs)
     per = {gid: c[0] if cost == "macs" else c[1] for gid, c in costs.items()}
     if allocator == "cost":
         mean_cost = np.mean([v for v in per.values()]) if per else 1.0
@@ -302,7 +313,7 @@ def allocate(
         return Allocation(orders, bounds, keys)
     from idap_fx.surgery import mask
 
-    reference = _outputs(gm, batches)
+    reference = reference_outputs(gm, batches)
     keys = {}
     for g in groups:
         ends = bounds[g.id]
@@ -310,13 +321,13 @@ def allocate(
             keys[g.id] = []
             continue
         probes = sorted({ends[min(len(ends) - 1, round(q * (len(ends) - 1)))] for q in (0.0, 0.5, 1.0)})
-        dev = [0.0] + [_deviation(reference, mask(gm, {g.id: orders[g.id][:k]}, dg), batches) for k in probes]
+        dev = [0.0] + [deviation(reference, mask(gm, {g.id: orders[g.id][:k]}, dg), batches) for k in probes]
         curve = np.interp(ends, [0, *probes], dev)
         keys[g.id] = _hull_slopes(np.asarray(ends, float) * max(per[g.id], 1e-12), curve)
     return Allocation(orders, bounds, keys)
 
 
-def _outputs(model: Callable[..., Any], batches: Sequence[Any]) -> list[list[torch.Tensor]]:
+def reference_outputs(model: Callable[..., Any], batches: Sequence[Any]) -> list[list[torch.Tensor]]:
     from torch.utils._pytree import tree_leaves
 
     from idap_fx.stats import batch_args
@@ -328,11 +339,11 @@ def _outputs(model: Callable[..., Any], batches: Sequence[Any]) -> list[list[tor
         ]
 
 
-def _deviation(
+def deviation(
     reference: list[list[torch.Tensor]], model: Callable[..., Any], batches: Sequence[Any]
 ) -> float:
     num = den = 0.0
-    for ref, got in zip(reference, _outputs(model, batches), strict=True):
+    for ref, got in zip(reference, reference_outputs(model, batches), strict=True):
         for r, o in zip(ref, got, strict=True):
             num += (r - o).pow(2).sum().item()
             den += r.pow(2).sum().item()
@@ -381,6 +392,8 @@ __all__ = [
     "Floors",
     "OriginalWidths",
     "allocate",
+    "deviation",
+    "reference_outputs",
     "normalise_per_group",
     "select_units",
 ]

@@ -10,7 +10,8 @@ weights, holding one model at a time.
 ``OptimizeResult.at(target_macs=t)`` rebuilds what a separate run with target ``t`` (same
 options) returns: the accepted steps before the first step whose plan reaches ``t`` are
 replayed, and stage 1 resumes from that step with target ``t`` (trimmed by bisection as in
-any run), then stage 2 runs if it was asked for. ``measure_curve`` gives MACs, params,
+any run), then stage 2 runs if it was asked for. With ``allocator="auto"`` the points follow
+the allocator the run kept: ``at`` equals a separate run with that allocator. ``measure_curve`` gives MACs, params,
 the in-run deviation / ``evaluate`` value, and ONNX Runtime latency (fp32, and int8 with
 ``int8=True``) per point; ``write_curve`` writes ``curve.csv`` and ``curve.png``.
 """
@@ -80,6 +81,7 @@ class Snapshots:
         self.items: list[Snapshot] = []
         self.metrics: list[tuple[int, int, float, float]] = []  # (macs, params, quality, consumed) per item
         self.steps: list[dict[str, Any]] = []  # the report's stage-1 step records (every attempt)
+        self.allocator = ""  # the allocator ``auto`` kept (``at`` replays that one)
 
     @property
     def nbytes(self) -> int:
@@ -155,6 +157,7 @@ class Snapshots:
         before = sum(1 for s in self.items if s.stage == "prune_channels" and s.step < cross)
         model = self.model(original, before)
         passes[0].start_step = cross
+        passes[0].allocator = self.allocator or passes[0].allocator
         passes[0].widths = OriginalWidths(analyze(trace(original, self.inputs)))  # the run's floors
         with torch.random.fork_rng():
             torch.manual_seed(self.ctx.seed)

@@ -31,7 +31,7 @@ TARGET_TOLERANCE = 0.01
 says so, ``strict`` raises otherwise): stage 1 bisects its last step on the unit count, so it lands
 within 1 % whenever one unit is finer than that."""
 
-ALLOCATOR = "group"
+ALLOCATOR = "auto"
 """Stage 1's default allocator (``idap_fx.allocate``), chosen by measurement: docs/architecture.md, "Allocation"."""
 MIN_KEEP = 0.25
 """Default floor: every group keeps at least this fraction of its original width (never starved)."""
@@ -216,8 +216,9 @@ class PruneOptions(PassOptions):
     ``loss_fn(model, batch) -> loss``), ``random`` or an ``Importance`` object. A group keeps
     ≥ ``min_channels`` channels, ``min_keep`` of its original width and a multiple of ``round_to``
     units; ``max_prune_ratio`` caps what a group loses (a float, or module path / type name →
-    ratio: a group takes the tightest cap of its modules). ``allocator`` (``cost``, ``group``,
-    ``global``, ``sensitivity``) decides which units go (``idap_fx.allocate``). A step that breaks
+    ratio: a group takes the tightest cap of its modules). ``allocator`` (``auto``: the best of
+    ``group``, ``cost`` and ``sensitivity`` by measured output deviation; or one of those, or
+    ``global``) decides which units go (``idap_fx.allocate``). A step that breaks
     the budget is retried at half size ``backtracks`` times. ``ignored_layers`` (module paths,
     their prefixes, module types or type names) keep every group their parameters belong to.
     """

@@ -17,11 +17,19 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from idap_fx.passes.base import IdapPass, PassContext
+from idap_fx.passes.base import IdapPass, PassContext, PassRecord
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
-from idap_fx.allocate import Allocation, Floors, OriginalWidths, allocate
+from idap_fx.allocate import (
+    AUTO_CANDIDATES,
+    Allocation,
+    Floors,
+    OriginalWidths,
+    allocate,
+    deviation,
+    reference_outputs,
+)
 from idap_fx.analysis import analyze
 from idap_fx.dependency import ChannelGroup, DependencyGraph, Plan
 from idap_fx.errors import OptionError
@@ -88,6 +96,7 @@ class PruneChannels(IdapPass):
         self.last_scores: Scores = {}
         self.start_step = 0  # schedule index to start at (idap_fx.curve resumes a replayed run there)
         self.widths: OriginalWidths | None = None  # the floors are fractions of these (the input's widths)
+        self.allocator = "" if self.opts.allocator == "auto" else self.opts.allocator  # the one running
 
     def _reached(self, macs: int, params: int) -> bool:
         return bool(self.ctx.goal.reached(macs, params, self.ctx.macs0, self.ctx.params0))
@@ -195,7 +204,7 @@ class PruneChannels(IdapPass):
         goal = self.ctx.goal
         with self.timed("allocate"):
             return allocate(
-                self.opts.allocator, current, dg, groups, scores, floors=self.floors, widths=self.widths,
+                self.allocator, current, dg, groups, scores, floors=self.floors, widths=self.widths,
                 example_inputs=self.ctx.example_inputs, batches=self.ctx.calibration[:2],
                 cost="params" if goal.target_macs is None and goal.target_params is not None else "macs",
             )  # fmt: skip
@@ -243,10 +252,53 @@ class PruneChannels(IdapPass):
         return None
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
+        if self.allocator:
+            return self._run(graph_module)
+        return self._auto(graph_module)
+
+    def _auto(self, graph_module: fx.GraphModule) -> PassResult:
+        """``allocator="auto"``: one run per candidate allocator, the best result kept.
+
+        Best = reached the goal (else: the most compressed), then the least output deviation
+        from the pass input on the calibration batches (the label-free quality every run is
+        scored on). Only the kept run's steps stay in the record and the snapshots.
+        """
+        batches = self.ctx.calibration
+        reference = reference_outputs(graph_module, batches)
+        recorder = self.ctx.recorder
+        shared, best, tried = self.record, None, []
+        for name in AUTO_CANDIDATES:
+            self.allocator, self.widths = name, None
+            self.record = PassRecord(shared.name, timings=shared.timings, importance=shared.importance)
+            start = len(recorder.items) if recorder is not None else 0
+            result = self._run(graph_module)
+            with self.timed("auto"):
+                dev = deviation(reference, result.graph_module, batches)
+                macs = count_macs(result.graph_module, self.ctx.example_inputs)
+                params = count_params(result.graph_module)
+            key = (not self._reached(macs, params), 0 if self._reached(macs, params) else macs, dev)
+            kept: tuple[list, list] = ([], [])
+            if recorder is not None:
+                kept = (recorder.items[start:], recorder.metrics[start:])
+                del recorder.items[start:], recorder.metrics[start:]
+            tried.append(f"{name} {dev:.4g} (MACs {macs / max(self.ctx.macs0, 1):.3f})")
+            if best is None or key < best[0]:
+                best = (key, name, result, self.record, kept)
+        assert best is not None
+        _, name, result, record, (items, metrics) = best
+        if recorder is not None:
+            recorder.items += items
+            recorder.metrics += metrics
+            recorder.allocator = name
+        self.record, self.allocator = record, name
+        record.notes.append(f"allocator auto: kept {name}; output deviation per run: {', '.join(tried)}")
+        return result
+
+    def _run(self, graph_module: fx.GraphModule) -> PassResult:
         current, modified, record = graph_module, False, self.record
         steps = self.schedule.steps
         ignored = resolve_ignored(graph_module, self.opts.ignored_layers)
-        bar = self.ctx.progress(range(self.start_step, steps), desc="prune_channels")
+        bar = self.ctx.progress(range(self.start_step, steps), desc=f"prune_channels ({self.allocator})")
         for t in bar:
             with self.timed("analyze"):
                 dg = analyze(current)

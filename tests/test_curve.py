@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import idap_fx
+from idap_fx.allocate import AUTO_CANDIDATES
 from idap_fx.metrics import count_params
 
 
@@ -52,6 +53,16 @@ def test_curve_point_equals_separate_run_stage1() -> None:
     kw["passes"] = ["prune_channels"]
     res = idap_fx.optimize(model, x, target_macs=0.3, keep_snapshots=True, **kw)
     _same(res.snapshots.model(res.original, len(res.snapshots.items)), res.model)
+    # allocator="auto" (the default) kept one allocator for the run; its points follow that one
+    assert res.snapshots.allocator in AUTO_CANDIDATES
+    separate = idap_fx.optimize(model, x, target_macs=0.5, **kw, allocator=res.snapshots.allocator)
+    _same(res.at(target_macs=0.5), separate.model)
+
+
+def test_curve_of_a_fixed_allocator_equals_separate_run() -> None:
+    model, x, cal, kw = _setup()
+    kw |= {"passes": ["prune_channels"], "allocator": "group"}
+    res = idap_fx.optimize(model, x, target_macs=0.3, keep_snapshots=True, **kw)
     _same(res.at(target_macs=0.5), idap_fx.optimize(model, x, target_macs=0.5, **kw).model)
 
 
@@ -64,7 +75,7 @@ def test_curve_point_equals_separate_runs() -> None:
     # the replayed last point is the run's own model, bit for bit
     _same(snaps.model(res.original, len(snaps.items)), res.model)
     for t in (0.7, 0.5, 0.3):
-        separate = idap_fx.optimize(model, x, target_macs=t, **kw)
+        separate = idap_fx.optimize(model, x, target_macs=t, **kw, allocator=snaps.allocator)
         _same(res.at(target_macs=t), separate.model)
     # the records hold plans and compensated biases, not models
     weights = sum(p.numel() * p.element_size() for p in res.original.parameters())
