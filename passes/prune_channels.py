@@ -12,6 +12,7 @@ compressed model that stayed within budget.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 from collections.abc import Sequence
@@ -261,11 +262,16 @@ class PruneChannels(IdapPass):
 
         Best = reached the goal (else: the most compressed), then the least output deviation
         from the pass input on the calibration batches (the label-free quality every run is
-        scored on). Only the kept run's steps stay in the record and the snapshots.
+        scored on). Only the kept run's steps stay in the record and the snapshots. Candidate
+        runs recover by compensation only; when recovery trains, the kept allocator runs
+        once more with training (one trained run, not three).
         """
         batches = self.ctx.calibration
         reference = reference_outputs(graph_module, batches)
-        recorder = self.ctx.recorder
+        recorder, ctx = self.ctx.recorder, self.ctx
+        if ctx.recovery.trains:
+            light = dataclasses.replace(ctx.recovery, fine_tune=None, train_loader=None)
+            self.ctx = dataclasses.replace(ctx, recovery=light)
         shared, best, tried = self.record, None, []
         for name in AUTO_CANDIDATES:
             self.allocator, self.widths = name, None
@@ -276,7 +282,8 @@ class PruneChannels(IdapPass):
                 dev = deviation(reference, result.graph_module, batches)
                 macs = count_macs(result.graph_module, self.ctx.example_inputs)
                 params = count_params(result.graph_module)
-            key = (not self._reached(macs, params), 0 if self._reached(macs, params) else macs, dev)
+            reached = self._reached(macs, params)
+            key = (not reached, 0 if reached else macs, dev)
             kept: tuple[list, list] = ([], [])
             if recorder is not None:
                 kept = (recorder.items[start:], recorder.metrics[start:])
@@ -286,12 +293,27 @@ class PruneChannels(IdapPass):
                 best = (key, name, result, self.record, kept)
         assert best is not None
         _, name, result, record, (items, metrics) = best
+        self.allocator, self.ctx = name, ctx
+        if ctx.recovery.trains:  # the kept allocator again, now with the training recovery
+            self.widths, self.record = (
+                None,
+                PassRecord(shared.name, timings=shared.timings, importance=shared.importance),
+            )
+            result, record = self._run(graph_module), self.record
         if recorder is not None:
             recorder.items += items
             recorder.metrics += metrics
             recorder.allocator = name
-        self.record, self.allocator = record, name
-        record.notes.append(f"allocator auto: kept {name}; output deviation per run: {', '.join(tried)}")
+        self.record = record
+        rerun = (
+            "; candidates ran without training recovery, the kept one again with it"
+            if ctx.recovery.trains
+            else ""
+        )
+        record.notes.append(
+            f"allocator auto: kept {name}; output deviation of each candidate run on the calibration "
+            f"batches: {', '.join(tried)}{rerun}"
+        )
         return result
 
     def _run(self, graph_module: fx.GraphModule) -> PassResult:

@@ -111,7 +111,7 @@ def test_caps_per_module_name_and_type() -> None:
     assert alloc.removable == 32
 
 
-@pytest.mark.parametrize("allocator", ["global", "group", "cost", "sensitivity"])
+@pytest.mark.parametrize("allocator", ["global", "group", "cost", "sensitivity", "auto"])
 def test_two_conv_alignment_reaches_the_target(allocator: str) -> None:
     """Issue 12's repro: round_to=8 used to remove 8 channels, then stop at 0.881 MACs with a BudgetError."""
     torch.manual_seed(0)
@@ -122,7 +122,7 @@ def test_two_conv_alignment_reaches_the_target(allocator: str) -> None:
     x = torch.randn(4, 3, 16, 16)
     res = idap_fx.optimize(m, x, target_macs=0.6, budget=None, round_to=8, allocator=allocator, quiet=True)
     # group-relative ranking walks conv2 down chunk by chunk and lands one chunk past (0.52): still within target
-    low = 0.5 if allocator == "group" else 0.57
+    low = 0.5 if allocator in ("group", "auto") else 0.57
     assert res.report.target_reached and low <= res.report.macs_ratio <= 0.63, res.report.macs_ratio
     widths = [c.out_channels for c in res.model.modules() if isinstance(c, nn.Conv2d)]
     assert all(w % 8 == 0 for w in widths)
@@ -158,3 +158,28 @@ def test_no_group_collapses_below_the_floor_at_30_percent_on_a_trained_model() -
     before = [c.out_channels for c in model.modules() if isinstance(c, nn.Conv2d)]
     after = [c.out_channels for c in res.model.modules() if isinstance(c, nn.Conv2d)]
     assert all(a >= 0.25 * b for a, b in zip(after, before, strict=True)), (before, after)
+
+
+def test_auto_keeps_the_run_with_the_least_output_deviation() -> None:
+    """allocator="auto" returns exactly the candidate run whose model deviates least on the calibration data."""
+    from idap_fx.allocate import AUTO_CANDIDATES, deviation, reference_outputs
+
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    ).eval()  # fmt: skip
+    cal = [torch.randn(8, 3, 16, 16) for _ in range(3)]
+    kw = {"calibration": cal, "target_macs": 0.4, "budget": None, "quiet": True, "round_to": 1}
+    auto = idap_fx.optimize(m, cal[0][:1], allocator="auto", **kw)
+    ref = reference_outputs(m, cal)
+    runs = {a: idap_fx.optimize(m, cal[0][:1], allocator=a, **kw) for a in AUTO_CANDIDATES}
+    devs = {a: deviation(ref, r.model, cal) for a, r in runs.items()}
+    best = min(devs, key=devs.get)
+    assert len({round(d, 9) for d in devs.values()}) > 1, devs  # the candidates really differ here
+    a_sd, b_sd = auto.model.state_dict(), runs[best].model.state_dict()
+    assert list(a_sd) == list(b_sd) and all(torch.equal(a_sd[k], b_sd[k]) for k in a_sd)
+    assert any(f"kept {best}" in n for n in auto.report.notes), auto.report.notes
+    assert [s["macs"] for s in auto.report.steps] == [s["macs"] for s in runs[best].report.steps]
