@@ -230,7 +230,16 @@ class Coupling:
                     units=units,
                 )
             )
-        local_unit = np.empty(n, dtype=np.int64)
+        self._attach_members(groups, elem_group)
+        for g in groups:
+            for s in g.spaces:
+                spaces.nodes[s.index]["group"] = g.id
+        return groups, spaces
+
+    def _attach_members(self, groups: list[ChannelGroup], elem_group: np.ndarray) -> None:
+        """Each member's slice into the group(s) its elements fall in; a member covering only some
+        of a group's units makes a part (a concatenated branch, a split piece)."""
+        local_unit = np.empty(self.n_elements, dtype=np.int64)
         for g in groups:
             for k, elems in enumerate(g.units):
                 local_unit[elems] = k
@@ -244,10 +253,6 @@ class Coupling:
                 if part.size < group.size and not any(np.array_equal(part, p) for p in group.parts):
                     group.parts.append(part)
                     group.part_names.append(f"{m.param} dim {m.dim}")
-        for g in groups:
-            for s in g.spaces:
-                spaces.nodes[s.index]["group"] = g.id
-        return groups, spaces
 
 
 def _reasons_by_space(records: list[tuple[np.ndarray, str]], elem_space: np.ndarray) -> dict[int, list[str]]:

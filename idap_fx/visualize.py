@@ -65,6 +65,48 @@ def visualize(
     return write_text(path, page)
 
 
+def _group_entry(
+    g: Any,
+    plan: Plan | None,
+    planned: bool,
+    colours: dict[str, str],
+    couplings: dict[str, Any],
+    couplers: dict[str, set[str]],
+    score_lists: dict[str, Any],
+) -> dict[str, Any]:
+    """One group of the viewer document: what it is, why (not) prunable, its couplings, plan and scores."""
+    gone = sorted(int(i) for i in (plan or {}).get(g.id, []))
+    return {
+        "id": g.id,
+        "colour": colours[g.id],
+        "size": g.size,
+        "channels": g.channels,
+        "prunable": g.prunable,
+        "frozen_reason": g.frozen_reason,
+        "exact": g.exact,
+        "inexact_reason": g.inexact_reason,
+        "members": [[m.node, m.param, m.dim, m.role, m.offset, m.count] for m in g.members],
+        "parts": list(g.part_names),
+        "couplings": couplings.get(g.id, []),
+        "couplers": sorted(couplers.get(g.id, set())),
+        "removed": gone if planned else None,
+        "removed_channels": int(sum(len(g.units[i]) for i in gone)) if planned else None,
+        "scores": score_lists.get(g.id),
+    }
+
+
+def _roles(dg: DependencyGraph) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(groups each node owns as producer, groups each node reads) by node name."""
+    owns: dict[str, list[str]] = {}
+    reads: dict[str, list[str]] = {}
+    for g in dg.groups:
+        for m in g.members:
+            target = reads if m.role == "in" else owns
+            if g.id not in target.setdefault(m.node, []):
+                target[m.node].append(g.id)
+    return owns, reads
+
+
 def viewer_data(
     graph: GraphLike,
     *,
@@ -104,14 +146,7 @@ def viewer_data(
 
     name_set = set(names)
     couplings, couplers, node_couples = _couplings(dg, name_set)
-    owns: dict[str, list[str]] = {}
-    reads: dict[str, list[str]] = {}
-    for g in dg.groups:
-        for m in g.members:
-            target = reads if m.role == "in" else owns
-            if g.id not in target.setdefault(m.node, []):
-                target[m.node].append(g.id)
-
+    owns, reads = _roles(dg)
     nodes = []
     for i, name in enumerate(names):
         value = dg.layouts.get(name)
@@ -139,28 +174,10 @@ def viewer_data(
             )
         nodes.append(entry)
 
-    groups = []
-    for g in dg.groups:
-        gone = sorted(int(i) for i in (plan or {}).get(g.id, []))
-        groups.append(
-            {
-                "id": g.id,
-                "colour": colours[g.id],
-                "size": g.size,
-                "channels": g.channels,
-                "prunable": g.prunable,
-                "frozen_reason": g.frozen_reason,
-                "exact": g.exact,
-                "inexact_reason": g.inexact_reason,
-                "members": [[m.node, m.param, m.dim, m.role, m.offset, m.count] for m in g.members],
-                "parts": list(g.part_names),
-                "couplings": couplings.get(g.id, []),
-                "couplers": sorted(couplers.get(g.id, set())),
-                "removed": gone if removed is not None else None,
-                "removed_channels": int(sum(len(g.units[i]) for i in gone)) if removed is not None else None,
-                "scores": score_lists.get(g.id),
-            }
-        )
+    groups = [
+        _group_entry(g, plan, removed is not None, colours, couplings, couplers, score_lists)
+        for g in dg.groups
+    ]
     default_title = f"{type(gm).__name__ if gm is not None else 'DependencyGraph'}: {len(names)} nodes"
     return {
         "title": title or default_title,
