@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import fx
 
+from idap_fx.collective import reducer
 from idap_fx.dependency import ChannelGroup, DependencyGraph, Plan
 from idap_fx.errors import IdapError
 from idap_fx.unit_cost import unit_costs
@@ -342,11 +343,13 @@ def reference_outputs(model: Callable[..., Any], batches: Sequence[Any]) -> list
 def deviation(
     reference: list[list[torch.Tensor]], model: Callable[..., Any], batches: Sequence[Any]
 ) -> float:
+    """‖N0(x) − N(x)‖² / ‖N0(x)‖² pooled over ``batches`` of every rank (one value on all ranks)."""
     num = den = 0.0
     for ref, got in zip(reference, reference_outputs(model, batches), strict=True):
         for r, o in zip(ref, got, strict=True):
             num += (r - o).pow(2).sum().item()
             den += r.pow(2).sum().item()
+    num, den = reducer().all_sum([num, den])
     return num / den if den > 0 else 0.0
 
 

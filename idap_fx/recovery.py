@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +41,7 @@ from torch import fx, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
+from idap_fx.collective import reducer
 from idap_fx.dependency import DependencyGraph, Plan
 from idap_fx.errors import IdapError
 from idap_fx.stats import Site, batch_args
@@ -336,6 +337,46 @@ def distill(
     return RecoveryRecord("distill", best.first, best.best, done, best.best_step if measure else done, stop)
 
 
+def _task_loss(out_s: Any, out_t: Any) -> torch.Tensor:
+    """KL to the teacher's soft outputs for logits (2-D outputs), else MSE summed over output tensors."""
+    if isinstance(out_s, torch.Tensor) and out_s.dim() == 2:
+        return F.kl_div(F.log_softmax(out_s, -1), F.softmax(out_t, -1), reduction="batchmean")
+    leaves_s = [t for t in torch.utils._pytree.tree_leaves(out_s) if isinstance(t, torch.Tensor)]
+    leaves_t = [t for t in torch.utils._pytree.tree_leaves(out_t) if isinstance(t, torch.Tensor)]
+    return sum(F.mse_loss(a, b) for a, b in zip(leaves_s, leaves_t, strict=True))
+
+
+def held_out_loss(teacher: nn.Module, batches: Sequence[Any]) -> Callable[[nn.Module], float]:
+    """The distillation task loss to ``teacher`` on held-out ``batches`` (pooled over ranks), lower is better.
+
+    What distillation's early stopping watches: the loss it optimises, on data it never
+    trains on. (The budget's relative output MSE is the wrong watch for a KL objective: KL
+    ignores a per-sample shift of the logits that MSE counts, so training that makes the
+    soft outputs closer can look worse, and the guard reverted every demo distillation.)
+    """
+    n_inputs = (
+        sum(1 for n in teacher.graph.nodes if n.op == "placeholder") if hasattr(teacher, "graph") else None
+    )
+
+    def inputs(b: Any) -> tuple[Any, ...]:
+        args = batch_args(b)
+        return args[:n_inputs] if n_inputs is not None else args
+
+    with torch.no_grad():
+        refs = [teacher(*inputs(b)) for b in batches]
+
+    def measure(model: nn.Module) -> float:
+        total = count = 0.0
+        with torch.no_grad():
+            for b, ref in zip(batches, refs, strict=True):
+                total += float(_task_loss(model(*inputs(b)), ref))
+                count += 1
+        total, count = reducer().all_sum([total, count])
+        return total / count if count else 0.0
+
+    return measure
+
+
 def _distill_loss(
     runner: nn.Module, tapped_t: fx.GraphModule, args: tuple[Any, ...], n_inputs: int, feature_weight: float
 ) -> torch.Tensor:
@@ -345,14 +386,9 @@ def _distill_loss(
     with torch.no_grad():
         out_t, feats_t = tapped_t(*inputs)
     out_s, feats_s = runner(*inputs)
-    if isinstance(out_s, torch.Tensor) and out_s.dim() == 2:
-        task = F.kl_div(F.log_softmax(out_s, -1), F.softmax(out_t, -1), reduction="batchmean")
-        if labels is not None:
-            task = task + F.cross_entropy(out_s, labels)
-    else:
-        leaves_s = [t for t in torch.utils._pytree.tree_leaves(out_s) if isinstance(t, torch.Tensor)]
-        leaves_t = [t for t in torch.utils._pytree.tree_leaves(out_t) if isinstance(t, torch.Tensor)]
-        task = sum(F.mse_loss(a, b) for a, b in zip(leaves_s, leaves_t, strict=True))
+    task = _task_loss(out_s, out_t)
+    if labels is not None and isinstance(out_s, torch.Tensor) and out_s.dim() == 2:
+        task = task + F.cross_entropy(out_s, labels)
     loss = task
     if feature_weight:
         loss = task + feature_weight * sum(F.l1_loss(a, b) for a, b in zip(feats_s, feats_t, strict=True))
@@ -366,6 +402,7 @@ __all__ = [
     "compensate",
     "distill",
     "feature_nodes",
+    "held_out_loss",
     "run_fine_tune",
     "train_with_frozen_batchnorm",
 ]

@@ -131,7 +131,9 @@ class OptimizeReport:
             return []
         fmt = lambda v: "–" if v is None else f"{v:.4g}"  # noqa: E731
         measure = (
-            "drop of evaluate" if self.budget_kind == "evaluate" else "output deviation from the original"
+            "drop of evaluate"
+            if self.budget_kind == "evaluate"
+            else "distill: its loss to the step's teacher; fine_tune: output deviation from the original"
         )
         lines = [
             "",

@@ -21,7 +21,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from idap_fx.errors import AnalysisError
 from idap_fx.options import Goal, PassOptions, Recovery
-from idap_fx.recovery import distill, run_fine_tune
+from idap_fx.recovery import distill, held_out_loss, run_fine_tune
 
 
 def _no_progress(it: Any, **kw: Any) -> Any:
@@ -98,14 +98,19 @@ class IdapPass(PassBase):
     def train_recovery(
         self, model: fx.GraphModule, teacher: fx.GraphModule, at: Any
     ) -> tuple[fx.GraphModule, str]:
-        """``Recovery``'s training (the user's callback, else distillation), guarded by the budget's
-        held-out measure; each run is recorded in ``record.recovery`` (``at``: where in the pass)."""
+        """``Recovery``'s training (the user's callback, else distillation), guarded on held-out data:
+        the user's ``evaluate`` when given, else for distillation its own loss on the budget's
+        held-out batches, for a callback the budget's output deviation. Each run is recorded in
+        ``record.recovery`` (``at``: where in the pass)."""
         rec, measure = self.ctx.recovery, self.ctx.budget.recovery_measure
         record, note = None, ""
         if rec.fine_tune is not None:
             model, record = run_fine_tune(rec.fine_tune, model, teacher, measure)
             note = "fine_tune callback"
         elif rec.train_loader is not None:
+            budget = self.ctx.budget
+            if measure is not None and budget.evaluate is None and budget.holdout:
+                measure = held_out_loss(teacher, budget.holdout)  # watch the loss distillation optimises
             record = distill(
                 model, teacher, rec.train_loader, steps=rec.distill_steps, measure=measure, progress=self.ctx.progress
             )  # fmt: skip

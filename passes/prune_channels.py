@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from idap_fx.passes.base import IdapPass, PassContext, PassRecord
@@ -260,14 +260,12 @@ class PruneChannels(IdapPass):
     def _auto(self, graph_module: fx.GraphModule) -> PassResult:
         """``allocator="auto"``: one run per candidate allocator, the best result kept.
 
-        Best = reached the goal (else: the most compressed), then the least output deviation
-        from the pass input on the calibration batches (the label-free quality every run is
-        scored on). Only the kept run's steps stay in the record and the snapshots. Candidate
+        Best = reached the goal (else: the most compressed), then the best quality measured on
+        data no allocator looked at (``_selection_measure``). Only the kept run's steps stay in the record and the snapshots. Candidate
         runs recover by compensation only; when recovery trains, the kept allocator runs
         once more with training (one trained run, not three).
         """
-        batches = self.ctx.calibration
-        reference = reference_outputs(graph_module, batches)
+        measure, where = self._selection_measure(graph_module)
         recorder, ctx = self.ctx.recorder, self.ctx
         if ctx.recovery.trains:
             light = dataclasses.replace(ctx.recovery, fine_tune=None, train_loader=None)
@@ -279,7 +277,7 @@ class PruneChannels(IdapPass):
             start = len(recorder.items) if recorder is not None else 0
             result = self._run(graph_module)
             with self.timed("auto"):
-                dev = deviation(reference, result.graph_module, batches)
+                dev = measure(result.graph_module)
                 macs = count_macs(result.graph_module, self.ctx.example_inputs)
                 params = count_params(result.graph_module)
             reached = self._reached(macs, params)
@@ -311,10 +309,24 @@ class PruneChannels(IdapPass):
             else ""
         )
         record.notes.append(
-            f"allocator auto: kept {name}; output deviation of each candidate run on the calibration "
-            f"batches: {', '.join(tried)}{rerun}"
+            f"allocator auto: kept {name}; {where} of each candidate run: {', '.join(tried)}{rerun}"
         )
         return result
+
+    def _selection_measure(self, graph_module: fx.GraphModule) -> tuple[Callable[[nn.Module], float], str]:
+        """What ``auto`` ranks candidate runs by (lower is better), and its name for the report.
+
+        The budget's held-out measure when it has one (held-out batches, or ``evaluate``);
+        else the output deviation from the pass input on the calibration batches after the
+        first two (``sensitivity`` probes those two: selecting on them favours it), or on all
+        of them when there are no more.
+        """
+        budget = self.ctx.budget
+        if budget.measure:
+            return budget.held_out, "the budget's held-out measure"
+        batches = self.ctx.calibration[2:] or self.ctx.calibration
+        reference = reference_outputs(graph_module, batches)
+        return (lambda m: deviation(reference, m, batches)), "output deviation on calibration batches"
 
     def _run(self, graph_module: fx.GraphModule) -> PassResult:
         current, modified, record = graph_module, False, self.record
