@@ -194,3 +194,28 @@ def test_stage_2_recoveries_are_reported() -> None:
     assert [r["at"] for r in rec] == [t["name"] for t in res.report.layer_trials] + ["final"]
     assert all(r["pass"] == "skip_layers" and r["method"] == "fine_tune" for r in rec)
     assert all(r["kept_step"] == 0 and r["stop"].startswith("reverted") for r in rec)  # a no-op is not better
+
+
+def test_distillation_inside_optimize_is_guarded_by_its_own_loss_on_held_out_batches() -> None:
+    """In a pass, distillation's before / after are its KL to the step's teacher on the held-out batches."""
+    from idap_fx.recovery import held_out_loss
+
+    model = _net()
+    cal = _batches(8, seed=1)
+    res = idap_fx.optimize(
+        model, cal[0][:1], calibration=cal, target_macs=0.6, budget=None, quiet=True,
+        train_loader=_batches(6, seed=2), distill_steps=6, allocator="group",
+    )  # fmt: skip
+    recs = res.report.recovery
+    assert recs and all(r["method"] == "distill" for r in recs)
+    held = [b for i, b in enumerate(cal) if i % 4 == 3]  # the held-out batches (global index i % 4 == 3)
+    # the first step's teacher is the unpruned model: its loss to itself is 0 and a pruned student's is > 0
+    assert abs(held_out_loss(idap_fx.trace(model, (cal[0][:1],)), held)(model)) < 1e-6
+    assert recs[0]["before"] > 0 and recs[0]["after"] <= recs[0]["before"]
+    # a KL, not the budget's relative output MSE: it is the mean KL of the held-out batches
+    kl = sum(
+        F.kl_div(F.log_softmax(x, -1), F.softmax(y, -1), reduction="batchmean").item()
+        for x, y in ((model(b) + 1.0, model(b)) for b in held)
+    ) / len(held)
+    assert abs(held_out_loss(idap_fx.trace(model, (cal[0][:1],)), held)(lambda b: model(b) + 1.0) - kl) < 1e-6
+    assert kl < 1e-6  # a logit shift costs no KL (the output MSE would count it)
