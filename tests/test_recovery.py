@@ -55,8 +55,9 @@ def test_distillation_that_hurts_held_out_keeps_the_starting_weights() -> None:
     budget = Budget(teacher, None, _batches(2, seed=1))
     start = _state(student)
     rec = distill(
-        student, teacher, _noisy_labels(12), steps=12, lr=1e-2, measure=budget.held_out, eval_every=2
-    )
+        student, teacher, _noisy_labels(12), steps=12, lr=1e-2, measure=budget.held_out, eval_every=2,
+        patience=2,
+    )  # fmt: skip
     assert rec.before == 0.0 and rec.after == 0.0 and rec.kept_step == 0
     assert _same(_state(student), start)
     assert rec.steps == 4 and rec.stop.startswith("no held-out improvement")  # patience 2 at steps 2 and 4
