@@ -35,15 +35,14 @@ share of the node's channels the unit holds, so a unit of a 4×4 layer costs 1/1
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from torch import fx
 
-from idap_fx.collective import reducer
+from idap_fx.budget import deviation, reference_outputs
 from idap_fx.dependency import ChannelGroup, DependencyGraph, Plan
 from idap_fx.errors import IdapError
 from idap_fx.unit_cost import unit_costs
@@ -328,31 +327,6 @@ def allocate(
     return Allocation(orders, bounds, keys)
 
 
-def reference_outputs(model: Callable[..., Any], batches: Sequence[Any]) -> list[list[torch.Tensor]]:
-    from torch.utils._pytree import tree_leaves
-
-    from idap_fx.stats import batch_args
-
-    with torch.no_grad():
-        return [
-            [t.detach().double() for t in tree_leaves(model(*batch_args(b))) if isinstance(t, torch.Tensor)]
-            for b in batches
-        ]
-
-
-def deviation(
-    reference: list[list[torch.Tensor]], model: Callable[..., Any], batches: Sequence[Any]
-) -> float:
-    """‖N0(x) − N(x)‖² / ‖N0(x)‖² pooled over ``batches`` of every rank (one value on all ranks)."""
-    num = den = 0.0
-    for ref, got in zip(reference, reference_outputs(model, batches), strict=True):
-        for r, o in zip(ref, got, strict=True):
-            num += (r - o).pow(2).sum().item()
-            den += r.pow(2).sum().item()
-    num, den = reducer().all_sum([num, den])
-    return num / den if den > 0 else 0.0
-
-
 def _hull_slopes(saved: np.ndarray, deviation: np.ndarray) -> list[float]:
     """Slope of the lower convex hull of (0, 0), (saved_j, deviation_j) at every chunk."""
     xs, ys = np.concatenate([[0.0], saved]), np.concatenate([[0.0], deviation])
@@ -395,8 +369,6 @@ __all__ = [
     "Floors",
     "OriginalWidths",
     "allocate",
-    "deviation",
-    "reference_outputs",
     "normalise_per_group",
     "select_units",
 ]

@@ -39,12 +39,29 @@ from idap_fx.options import budget_limit
 from idap_fx.stats import batch_args
 
 
-def _outputs(model: nn.Module, batches: Sequence[Any]) -> list[list[torch.Tensor]]:
+def reference_outputs(model: Callable[..., Any], batches: Sequence[Any]) -> list[list[torch.Tensor]]:
+    """Every tensor ``model`` returns on each batch, in float64 (what deviations are measured against)."""
     with torch.no_grad():
         return [
             [t.detach().double() for t in tree_leaves(model(*batch_args(b))) if isinstance(t, torch.Tensor)]
             for b in batches
         ]
+
+
+def deviation(
+    reference: list[list[torch.Tensor]], model: Callable[..., Any], batches: Sequence[Any]
+) -> float:
+    """‖N0(x) − N(x)‖² / ‖N0(x)‖² pooled over ``batches`` of every rank (one value on all ranks);
+    ``reference`` is ``reference_outputs`` of N0 on the same batches. NaN counts as ∞."""
+    num = den = 0.0
+    for ref, got in zip(reference, reference_outputs(model, batches), strict=True):
+        for r, g in zip(ref, got, strict=True):
+            num += (r - g).pow(2).sum().item()
+            den += r.pow(2).sum().item()
+    num, den = reducer().all_sum([num, den])
+    if den == 0.0:
+        return 0.0 if num == 0.0 else math.inf
+    return num / den if not math.isnan(num) else math.inf
 
 
 @dataclass
@@ -79,7 +96,7 @@ class Budget:
         if self.kind == "output_deviation" and reduce == "max":
             self.kind = "output_deviation_max"
         self.baseline = self._evaluate(reference) if evaluate is not None else 1.0
-        self._ref = _outputs(reference, self.holdout) if self.measure else []
+        self._ref = reference_outputs(reference, self.holdout) if self.measure else []
 
     def _evaluate(self, model: nn.Module) -> float:
         try:
@@ -95,19 +112,11 @@ class Budget:
         """Relative output deviation on the held-out batches of every rank (pooled or per-sample max)."""
         if self.reduce == "max":
             return self._max_deviation(model)
-        num = den = 0.0
-        for ref, got in zip(self._ref, _outputs(model, self.holdout), strict=True):
-            for r, g in zip(ref, got, strict=True):
-                num += (r - g).pow(2).sum().item()
-                den += r.pow(2).sum().item()
-        num, den = reducer().all_sum([num, den])
-        if den == 0.0:
-            return 0.0 if num == 0.0 else math.inf
-        return num / den if not math.isnan(num) else math.inf
+        return deviation(self._ref, model, self.holdout)
 
     def _max_deviation(self, model: nn.Module) -> float:
         worst = 0.0
-        for ref, got in zip(self._ref, _outputs(model, self.holdout), strict=True):
+        for ref, got in zip(self._ref, reference_outputs(model, self.holdout), strict=True):
             for r, g in zip(ref, got, strict=True):
                 r, g = (
                     r.reshape(r.shape[0] if r.dim() else 1, -1),

@@ -28,10 +28,9 @@ from idap_fx.allocate import (
     Floors,
     OriginalWidths,
     allocate,
-    deviation,
-    reference_outputs,
 )
 from idap_fx.analysis import analyze
+from idap_fx.budget import deviation, reference_outputs
 from idap_fx.dependency import ChannelGroup, DependencyGraph, Plan
 from idap_fx.errors import OptionError
 from idap_fx.metrics import count_macs, count_params

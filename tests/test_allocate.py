@@ -163,7 +163,8 @@ def test_no_group_collapses_below_the_floor_at_30_percent_on_a_trained_model() -
 def test_auto_keeps_the_run_with_the_least_output_deviation() -> None:
     """allocator="auto" returns exactly the candidate run whose model deviates least on calibration data
     the allocators did not probe (with the budget off: the batches after the first two)."""
-    from idap_fx.allocate import AUTO_CANDIDATES, deviation, reference_outputs
+    from idap_fx.allocate import AUTO_CANDIDATES
+    from idap_fx.budget import deviation, reference_outputs
 
     torch.manual_seed(0)
     m = nn.Sequential(
