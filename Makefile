@@ -28,7 +28,7 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 
 test: lint
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --durations=15
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m slow

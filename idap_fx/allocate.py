@@ -23,10 +23,11 @@ Stage 1 asks one question each step: which ``n`` units go next? The answer is bu
     ranked by the slope of the lower convex hull of deviation over MACs saved — the
     Lagrangian solution of "reach the MAC target with the least total deviation";
   - ``auto`` (the default) is not an allocator of its own: stage 1 runs once with each of
-    ``AUTO_CANDIDATES`` and keeps the result with the least output deviation from its input
-    on the calibration batches (``passes.prune_channels``). No single allocator won every
-    model and target measured, and that deviation picked the best one after recovery in
-    each (docs/architecture.md, "Allocation").
+    ``AUTO_CANDIDATES`` and keeps the result that learns back best: the least held-out
+    distillation loss after a short distillation probe (``recovery.recoverability``), on
+    calibration data no allocator probed (``passes.prune_channels``). No single allocator won
+    every model and target measured; one-shot deviation alone picked wrong where every
+    candidate's output was destroyed (docs/architecture.md, "Allocation").
 
 Unit cost is measured in ``idap_fx.unit_cost``: torch's FLOP counter per graph node times the
 share of the node's channels the unit holds, so a unit of a 4×4 layer costs 1/196 of one at 56×56.

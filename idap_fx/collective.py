@@ -6,12 +6,18 @@ The computation modules (``scoring``, ``budget``, ``stats``, ``layer_stats``) ca
 ``torch.distributed`` process group when one is initialised (each rank streams its own
 calibration shard; the sums make every rank's decision the same) and is the identity
 otherwise. ``use_reducer`` swaps in another one (a test's fake, another backend).
+
+Batches are indexed globally: rank ``r`` holds the shard after ranks ``0 .. r-1`` (``offset``),
+so ``global_slice`` picks the same batches under ``torch.distributed`` as one process holding
+them all (the held-out split, the ``sensitivity`` probes, ``auto``'s selection), and
+``gather`` hands every rank the same few batches where all must compute the same thing.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -44,6 +50,15 @@ class Reducer:
         """The largest ``value`` over processes, as a float64 Python float."""
         return float(value)
 
+    def offset(self, count: int) -> tuple[int, int]:
+        """(global index of this process's first item, items on all processes) for ``count`` local
+        items: processes hold contiguous shards in rank order."""
+        return 0, count
+
+    def gather(self, items: Sequence[Any]) -> list[Any]:
+        """Every process's ``items``, in rank order: the same list on all of them."""
+        return list(items)
+
 
 class TorchDistributedReducer(Reducer):
     """Sums over the default ``torch.distributed`` group when there is one, else the identity."""
@@ -61,6 +76,20 @@ class TorchDistributedReducer(Reducer):
         t = torch.tensor([float(value)], dtype=torch.float64, device=device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return float(t.item())
+
+    def offset(self, count: int) -> tuple[int, int]:
+        if not initialised():
+            return super().offset(count)
+        me, world = dist.get_rank(), dist.get_world_size()
+        counts = self.all_sum([count if r == me else 0 for r in range(world)])
+        return int(sum(counts[:me])), int(sum(counts))
+
+    def gather(self, items: Sequence[Any]) -> list[Any]:
+        if not initialised():
+            return super().gather(items)
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, list(items))
+        return [x for part in parts for x in part]
 
     def all_sum_(self, tensors: Sequence[torch.Tensor]) -> None:
         if not initialised():
@@ -81,6 +110,14 @@ _current: Reducer = TorchDistributedReducer()
 def reducer() -> Reducer:
     """The reducer in use."""
     return _current
+
+
+def global_slice(items: Sequence[Any], start: int, stop: int | None = None) -> tuple[list[Any], int]:
+    """This process's share of the global items ``start:stop`` (all processes' items in rank order,
+    as one process holding them all would index them), and the global item count."""
+    offset, total = reducer().offset(len(items))
+    stop = total if stop is None else stop
+    return [x for i, x in enumerate(items) if start <= offset + i < stop], total
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from idap_fx.budget import Budget
-from idap_fx.distributed import all_sum, rank, world_size
+from idap_fx.collective import reducer
 from idap_fx.errors import BudgetError, IdapError, OptionError
 from idap_fx.metrics import count_macs, count_params
 from idap_fx.options import Goal, PassOptions, Recovery, build, split_shorthands
@@ -124,8 +124,7 @@ def _split_holdout(batches: list[Any], checked: bool) -> tuple[list[Any], list[A
     """
     if not checked:
         return batches, [], None
-    counts = all_sum([len(batches) if r == rank() else 0 for r in range(world_size())])
-    offset, total = int(sum(counts[: rank()])), int(sum(counts))
+    offset, total = reducer().offset(len(batches))
     if total == 1:
         note = "only one calibration batch: the budget is checked on the batch used for scoring"
         return batches, batches, note

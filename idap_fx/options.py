@@ -217,7 +217,7 @@ class PruneOptions(PassOptions):
     ≥ ``min_channels`` channels, ``min_keep`` of its original width and a multiple of ``round_to``
     units; ``max_prune_ratio`` caps what a group loses (a float, or module path / type name →
     ratio: a group takes the tightest cap of its modules). ``allocator`` (``auto``: the best of
-    ``group``, ``cost`` and ``sensitivity`` by measured output deviation; or one of those, or
+    ``group``, ``cost`` and ``sensitivity`` after a short distillation probe; or one of those, or
     ``global``) decides which units go (``idap_fx.allocate``). A step that breaks
     the budget is retried at half size ``backtracks`` times. ``ignored_layers`` (module paths,
     their prefixes, module types or type names) keep every group their parameters belong to.

@@ -299,12 +299,15 @@ def distill(
     eval_every: int | None = None,
     patience: int = 5,
     progress: Callable[[Iterable[Any]], Iterable[Any]] = lambda it: it,
+    data_parallel: bool = True,
 ) -> RecoveryRecord:
     """Train ``student`` in place to match ``teacher`` (method notes §5); return what it bought.
 
     With ``measure`` the student is measured every ``eval_every`` steps (default: a fifth of
     ``steps``, else 10) and after the last one; the best weights, the starting ones included,
-    are kept, and training stops after ``patience`` measurements without improvement.
+    are kept, and training stops after ``patience`` measurements without improvement. Under
+    ``torch.distributed`` the student trains data-parallel unless ``data_parallel`` is false
+    (every rank then trains alone on the same batches).
     """
     names = feature_nodes(student, teacher)
     nodes_s = {n.name: n for n in student.graph.nodes}
@@ -314,7 +317,7 @@ def distill(
     n_inputs = sum(1 for n in student.graph.nodes if n.op == "placeholder")
     train_module: nn.Module = _StudentWithAdapters(tapped_s, adapters)
     runner: nn.Module = train_module
-    if dist.is_available() and dist.is_initialized():
+    if data_parallel and dist.is_available() and dist.is_initialized():
         runner = DistributedDataParallel(train_module)  # adapters' gradients are averaged too
     opt = torch.optim.AdamW(train_module.parameters(), lr=lr, weight_decay=weight_decay)
     every = eval_every or (max(1, steps // 5) if steps else 10)
@@ -325,9 +328,12 @@ def distill(
     iterator = itertools.islice(batches, steps) if steps is not None else batches
     done, stop, measured = 0, "steps done" if steps is not None else "loader exhausted", True
     for batch in progress(iterator):
-        loss = _distill_loss(runner, tapped_t, batch_args(batch), n_inputs, feature_weight if names else 0.0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with torch.enable_grad():  # training, even when the caller runs optimize under torch.no_grad()
+            loss = _distill_loss(
+                runner, tapped_t, batch_args(batch), n_inputs, feature_weight if names else 0.0
+            )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
         opt.step()
         done += 1
         measured = done % every == 0
@@ -339,6 +345,37 @@ def distill(
     best.restore()
     student.eval()
     return RecoveryRecord("distill", best.first, best.best, done, best.best_step if measure else done, stop)
+
+
+PROBE_STEPS, PROBE_LR = 30, 1e-3
+
+
+def recoverability(
+    student: fx.GraphModule,
+    teacher: fx.GraphModule,
+    train: Sequence[Any],
+    measure: Callable[[nn.Module], float],
+    *,
+    steps: int = PROBE_STEPS,
+    lr: float = PROBE_LR,
+    seed: int = 0,
+) -> float:
+    """How far a short distillation takes a copy of ``student``: the best ``measure`` seen, the start included.
+
+    ``allocator="auto"`` ranks its candidate runs by it: where one-shot outputs are destroyed
+    (every candidate's deviation ≈ 1) they no longer separate candidates, and what decides
+    the result after recovery is how fast each one learns back (docs/architecture.md). The
+    student is not touched; ``train`` batches are cycled for ``steps`` steps; the adapters'
+    initialisation is seeded (``seed``), so the ranking is the same run to run. Under
+    ``torch.distributed`` every rank passes the same ``train`` batches and trains alone (no DDP);
+    ``measure`` pools over ranks, so all ranks get the value one process would.
+    """
+    probe = copy.deepcopy(student)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        batches = itertools.islice(itertools.cycle(train), steps)
+        record = distill(probe, teacher, batches, steps=steps, lr=lr, measure=measure, data_parallel=False)
+    return math.inf if record.after is None else record.after
 
 
 def _task_loss(out_s: Any, out_t: Any) -> torch.Tensor:

@@ -17,6 +17,7 @@ import difflib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 
 from idap_fx.passes.base import IdapPass, PassContext, PassRecord
 from torch import fx, nn
@@ -31,11 +32,12 @@ from idap_fx.allocate import (
 )
 from idap_fx.analysis import analyze
 from idap_fx.budget import deviation, reference_outputs
+from idap_fx.collective import global_slice, reducer
 from idap_fx.dependency import ChannelGroup, DependencyGraph, Plan
 from idap_fx.errors import OptionError
 from idap_fx.metrics import count_macs, count_params
 from idap_fx.options import PruneOptions
-from idap_fx.recovery import compensate
+from idap_fx.recovery import PROBE_STEPS, compensate, held_out_loss, recoverability
 from idap_fx.schedule import Schedule, get_schedule
 from idap_fx.scoring import Importance, Scores, ScoringContext, get_importance
 from idap_fx.surgery import prune
@@ -205,7 +207,7 @@ class PruneChannels(IdapPass):
         with self.timed("allocate"):
             return allocate(
                 self.allocator, current, dg, groups, scores, floors=self.floors, widths=self.widths,
-                example_inputs=self.ctx.example_inputs, batches=self.ctx.calibration[:2],
+                example_inputs=self.ctx.example_inputs, batches=self.probe_batches,
                 cost="params" if goal.target_macs is None and goal.target_params is not None else "macs",
             )  # fmt: skip
 
@@ -252,6 +254,8 @@ class PruneChannels(IdapPass):
         return None
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
+        # the first two scoring batches by global index (what one process holding them all would use)
+        self.probe_batches, self.batch_count = global_slice(self.ctx.calibration, 0, 2)
         if self.allocator:
             return self._run(graph_module)
         return self._auto(graph_module)
@@ -259,12 +263,14 @@ class PruneChannels(IdapPass):
     def _auto(self, graph_module: fx.GraphModule) -> PassResult:
         """``allocator="auto"``: one run per candidate allocator, the best result kept.
 
-        Best = reached the goal (else: the most compressed), then the best quality measured on
-        data no allocator looked at (``_selection_measure``). Only the kept run's steps stay in the record and the snapshots. Candidate
-        runs recover by compensation only; when recovery trains, the kept allocator runs
-        once more with training (one trained run, not three).
+        Best = reached the goal (else: the most compressed), then the best quality after a
+        short distillation probe (``recovery.recoverability``; the one-shot quality when there
+        is no data to probe with), measured on data no allocator looked at (``_selection``).
+        Only the kept run's steps stay in the record and the snapshots. Candidate runs recover
+        by compensation only; when recovery trains, the kept allocator runs once more with
+        training (one trained run, not three).
         """
-        measure, where = self._selection_measure(graph_module)
+        one_shot, probe, where = self._selection(graph_module)
         recorder, ctx = self.ctx.recorder, self.ctx
         if ctx.recovery.trains:
             light = dataclasses.replace(ctx.recovery, fine_tune=None, train_loader=None)
@@ -276,16 +282,18 @@ class PruneChannels(IdapPass):
             start = len(recorder.items) if recorder is not None else 0
             result = self._run(graph_module)
             with self.timed("auto"):
-                dev = measure(result.graph_module)
+                dev = one_shot(result.graph_module)
+                learnt = probe(result.graph_module) if probe is not None else dev
                 macs = count_macs(result.graph_module, self.ctx.example_inputs)
                 params = count_params(result.graph_module)
             reached = self._reached(macs, params)
-            key = (not reached, 0 if reached else macs, dev)
+            key = (not reached, 0 if reached else macs, learnt, dev)
             kept: tuple[list, list] = ([], [])
             if recorder is not None:
                 kept = (recorder.items[start:], recorder.metrics[start:])
                 del recorder.items[start:], recorder.metrics[start:]
-            tried.append(f"{name} {dev:.4g} (MACs {macs / max(self.ctx.macs0, 1):.3f})")
+            shown = f"{dev:.4g} → {learnt:.4g}" if probe is not None else f"{dev:.4g}"
+            tried.append(f"{name} {shown} (MACs {macs / max(self.ctx.macs0, 1):.3f})")
             if best is None or key < best[0]:
                 best = (key, name, result, self.record, kept)
         assert best is not None
@@ -312,20 +320,43 @@ class PruneChannels(IdapPass):
         )
         return result
 
-    def _selection_measure(self, graph_module: fx.GraphModule) -> tuple[Callable[[nn.Module], float], str]:
-        """What ``auto`` ranks candidate runs by (lower is better), and its name for the report.
+    def _selection(
+        self, graph_module: fx.GraphModule
+    ) -> tuple[Callable[[nn.Module], float], Callable[[nn.Module], float] | None, str]:
+        """What ``auto`` ranks candidate runs by (lower is better): (one-shot measure, probe, report text).
 
-        The budget's held-out measure when it has one (held-out batches, or ``evaluate``);
-        else the output deviation from the pass input on the calibration batches after the
-        first two (``sensitivity`` probes those two: selecting on them favours it), or on all
-        of them when there are no more.
+        Measured on data no allocator looked at: the budget's held-out batches (or its
+        ``evaluate``) when it measures, else the calibration batches after the first two
+        (``sensitivity`` probes those two), or all of them when there are no more. The probe
+        distils each candidate briefly on the first two calibration batches and measures it on
+        the selection data (``evaluate``, else distillation's own held-out loss); without
+        selection data apart from those batches there is no probe.
         """
-        budget = self.ctx.budget
+        budget, calibration = self.ctx.budget, self.ctx.calibration
+        rest = global_slice(calibration, 2)[0] if self.batch_count > 2 else calibration
         if budget.measure:
-            return budget.held_out, "the budget's held-out measure"
-        batches = self.ctx.calibration[2:] or self.ctx.calibration
-        reference = reference_outputs(graph_module, batches)
-        return (lambda m: deviation(reference, m, batches)), "output deviation on calibration batches"
+            one_shot, held, where = budget.held_out, budget.holdout, "the budget's held-out measure"
+        else:
+            reference = reference_outputs(graph_module, rest)
+            one_shot, held, where = (
+                (lambda m: deviation(reference, m, rest)),
+                rest,
+                "output deviation on calibration batches",
+            )
+        # with one calibration batch in all, the budget checks the batch that scores: nothing apart
+        shared = any(h is c for h in budget.holdout for c in calibration)
+        overlap = reducer().all_sum([float(shared)])[0] > 0
+        held_apart = budget.evaluate is not None or (
+            reducer().offset(len(budget.holdout))[1] > 0 and not overlap
+            if budget.measure
+            else self.batch_count > 2
+        )
+        train = reducer().gather(self.probe_batches)  # every rank probes on the same batches
+        if not train or not held_apart:
+            return one_shot, None, where
+        after = budget.held_out if budget.evaluate is not None else held_out_loss(graph_module, held)
+        probe = partial(recoverability, teacher=graph_module, train=train, measure=after, seed=self.ctx.seed)
+        return one_shot, probe, f"{where} (one-shot → after a {PROBE_STEPS}-step distillation probe)"
 
     def _run(self, graph_module: fx.GraphModule) -> PassResult:
         current, modified, record = graph_module, False, self.record

@@ -160,11 +160,12 @@ def test_no_group_collapses_below_the_floor_at_30_percent_on_a_trained_model() -
     assert all(a >= 0.25 * b for a, b in zip(after, before, strict=True)), (before, after)
 
 
-def test_auto_keeps_the_run_with_the_least_output_deviation() -> None:
-    """allocator="auto" returns exactly the candidate run whose model deviates least on calibration data
-    the allocators did not probe (with the budget off: the batches after the first two)."""
+def test_auto_keeps_the_run_that_learns_back_best() -> None:
+    """allocator="auto" returns exactly the candidate run with the least held-out distillation loss after
+    the short probe (``recoverability``: trained on the first two calibration batches, measured on the
+    rest, which no allocator probed), and the report lists each candidate's one-shot and probed value."""
     from idap_fx.allocate import AUTO_CANDIDATES
-    from idap_fx.budget import deviation, reference_outputs
+    from idap_fx.recovery import held_out_loss, recoverability
 
     torch.manual_seed(0)
     m = nn.Sequential(
@@ -174,14 +175,17 @@ def test_auto_keeps_the_run_with_the_least_output_deviation() -> None:
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
     ).eval()  # fmt: skip
     cal = [torch.randn(8, 3, 16, 16) for _ in range(4)]
-    kw = {"calibration": cal, "target_macs": 0.4, "budget": None, "quiet": True, "round_to": 1}
+    kw = {"calibration": cal, "target_macs": 0.4, "budget": None, "quiet": True, "round_to": 1, "seed": 3}
     auto = idap_fx.optimize(m, cal[0][:1], allocator="auto", **kw)
-    ref = reference_outputs(m, cal[2:])
+    teacher = idap_fx.trace(m, cal[0][:1])
+    after = held_out_loss(teacher, cal[2:])
     runs = {a: idap_fx.optimize(m, cal[0][:1], allocator=a, **kw) for a in AUTO_CANDIDATES}
-    devs = {a: deviation(ref, r.model, cal[2:]) for a, r in runs.items()}
-    best = min(devs, key=devs.get)
-    assert len({round(d, 9) for d in devs.values()}) > 1, devs  # the candidates really differ here
+    probed = {a: recoverability(r.model, teacher, cal[:2], after, seed=3) for a, r in runs.items()}
+    best = min(probed, key=probed.get)
+    assert len({round(v, 9) for v in probed.values()}) > 1, probed  # the candidates really differ here
     a_sd, b_sd = auto.model.state_dict(), runs[best].model.state_dict()
     assert list(a_sd) == list(b_sd) and all(torch.equal(a_sd[k], b_sd[k]) for k in a_sd)
-    assert any(f"kept {best}" in n for n in auto.report.notes), auto.report.notes
+    note = next(n for n in auto.report.notes if "allocator auto" in n)
+    assert f"kept {best}" in note and "distillation probe" in note, note
+    assert all(f"→ {probed[a]:.4g}" in note for a in AUTO_CANDIDATES), (note, probed)
     assert [s["macs"] for s in auto.report.steps] == [s["macs"] for s in runs[best].report.steps]

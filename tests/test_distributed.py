@@ -112,10 +112,9 @@ def _resnet_batches() -> list[torch.Tensor]:
     return [torch.randn(4, 3, 16, 16, generator=g) for _ in range(4)]
 
 
-# A fixed allocator: allocator="auto" (and "sensitivity") probe and select on each rank's own first
-# calibration batches, so under torch.distributed they are not yet equal to one process (open, issue 15).
 RESNET_RUNS = {  # the budgets bind: several steps are rolled back on the held-out batch's deviation
-    "no_budget": {"budget": None, "allocator": "group"},
+    "no_budget": {"budget": None},  # allocator auto: sensitivity's probes, the selection and the probe
+    # distillation use global batches 0-1 (rank 0's) and select on 2-3 (rank 1's)
     "pooled": {"budget": 5e-5, "compensation": False, "allocator": "group"},
     "max": {"budget": 5e-5, "budget_reduce": "max", "compensation": False, "allocator": "group"},
 }
@@ -200,7 +199,7 @@ def _main_job(r: int, out_dir: Path) -> dict[str, Any]:
     got["deviation"] = Budget(ref, 0.05, _shard(r)).deviation(pruned)
 
     res = idap_fx.optimize(
-        _net(), _example(), calibration=_shard(r), target_macs=0.6, budget=None, quiet=True, allocator="group"
+        _net(), _example(), calibration=_shard(r), target_macs=0.6, budget=None, quiet=True
     )
     got["plan"] = _plan_of(res)
     got["hash"] = state_hash(res.model)
@@ -359,9 +358,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         dg = idap_fx.analyze(gm)
         ref, _, pruned = _fixed_plan()
         single = idap_fx.optimize(
-            _net(), _example(), calibration=_all_batches(), target_macs=0.6, budget=None, quiet=True,
-            allocator="group",
-        )  # fmt: skip
+            _net(), _example(), calibration=_all_batches(), target_macs=0.6, budget=None, quiet=True
+        )
         with torch.no_grad():
             reference = {
                 "scores": idap_fx.score(gm, dg, _all_batches()),

@@ -11,7 +11,7 @@ from torch import nn
 
 import idap_fx
 from idap_fx.budget import Budget
-from idap_fx.recovery import distill, run_fine_tune
+from idap_fx.recovery import distill, held_out_loss, recoverability, run_fine_tune
 
 
 def _net() -> nn.Module:
@@ -87,6 +87,25 @@ def test_distillation_keeps_its_best_state_and_batchnorm_statistics() -> None:
         torch.equal(v, student.state_dict()[k]) for k, v in bn.items()
     )  # measuring did not unfreeze BN
     assert not student.training
+
+
+def test_recoverability_probes_a_copy_seeded_and_never_above_the_start() -> None:
+    """The probe ``auto`` ranks by: the student is untouched, the value is the best held-out loss seen
+    (never above the starting one), the same for the same seed, and lower for a damaged model that learns back."""
+    x = torch.randn(1, 3, 12, 12)
+    teacher = idap_fx.trace(_net(), (x,))
+    student = idap_fx.trace(teacher, (x,))
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    start = _state(student)
+    after = held_out_loss(teacher, _batches(2, seed=1))
+    first = after(student)
+    value = recoverability(student, teacher, _batches(2, seed=5), after, seed=1)
+    assert _same(_state(student), start)
+    assert value < first  # the damaged student does learn back within the probe
+    assert value == recoverability(student, teacher, _batches(2, seed=5), after, seed=1)
+    assert recoverability(teacher, teacher, _batches(2, seed=5), after) <= after(teacher) < 1e-6
 
 
 def test_fine_tune_callback_is_measured_and_the_better_model_kept() -> None:
@@ -220,3 +239,18 @@ def test_distillation_inside_optimize_is_guarded_by_its_own_loss_on_held_out_bat
     ) / len(held)
     assert abs(held_out_loss(idap_fx.trace(model, (cal[0][:1],)), held)(lambda b: model(b) + 1.0) - kl) < 1e-6
     assert kl < 1e-6  # a logit shift costs no KL (the output MSE would count it)
+
+
+def test_distillation_trains_when_the_caller_is_under_no_grad() -> None:
+    """Deployment code often wraps everything in ``torch.no_grad()``; recovery (and ``auto``'s probe) still train."""
+    x = torch.randn(1, 3, 12, 12)
+    teacher = idap_fx.trace(_net(), (x,))
+    student = idap_fx.trace(teacher, (x,))
+    start = _state(student)
+    with torch.no_grad():
+        distill(student, teacher, _batches(4, seed=5), steps=4, lr=1e-3)
+        res = idap_fx.optimize(
+            _net(), (x,), calibration=_batches(4, seed=2), target_macs=0.6, budget=None, quiet=True
+        )
+    assert not _same(_state(student), start)
+    assert any("distillation probe" in n for n in res.report.notes), res.report.notes
