@@ -151,7 +151,7 @@ def _fix_channel_norm(rw: _Rewrite, node: fx.Node, mod: nn.Module) -> None:
     mod.num_features = rw.shape(node)[1]
 
 
-def _fix_layer_norm(rw: _Rewrite, node: fx.Node, mod: nn.LayerNorm) -> None:
+def _fix_layer_norm(rw: _Rewrite, node: fx.Node, mod: nn.LayerNorm | nn.RMSNorm) -> None:
     k = len(mod.normalized_shape)
     mod.normalized_shape = tuple(rw.shape(node)[-k:])
 
@@ -181,7 +181,7 @@ _MODULE_FIXERS: list[tuple[tuple[type, ...], Callable[[_Rewrite, fx.Node, Any], 
     (CONVS, _fix_conv),
     ((nn.Linear,), _fix_linear),
     ((*BATCHNORMS, *INSTANCENORMS), _fix_channel_norm),
-    ((nn.LayerNorm,), _fix_layer_norm),
+    ((nn.LayerNorm, nn.RMSNorm), _fix_layer_norm),
     ((nn.GroupNorm,), _fix_group_norm),
     ((nn.PReLU,), _fix_prelu),
     ((nn.Embedding,), _fix_embedding),

@@ -198,3 +198,59 @@ def test_every_pointwise_aten_op_is_element_wise() -> None:
     assert not dg.boundaries
     assert [g.size for g in dg.prunable] == [8]
     _oracle(gm, random_plan(dg, 0.4), x)
+
+
+class HandRMSNorm(nn.Module):
+    """RMSNorm the way Hugging Face's Llama family writes it (traced through: pow, mean, rsqrt, mul)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.1 * torch.randn(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+class RMSStream(nn.Module):
+    """A pre-norm residual stream: every block reads the stream through an RMSNorm."""
+
+    def __init__(self, norm: type[nn.Module], d: int = 16) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(8, d), nn.Linear(d, 5)
+        self.norms = nn.ModuleList(norm(d) for _ in range(3))
+        self.fc1 = nn.ModuleList(nn.Linear(d, 2 * d) for _ in range(2))
+        self.fc2 = nn.ModuleList(nn.Linear(2 * d, d) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for n, a, b in zip(self.norms, self.fc1, self.fc2, strict=False):
+            h = h + b(torch.relu(a(n(h))))
+        return self.out(self.norms[2](h))
+
+
+@pytest.mark.parametrize("norm", [HandRMSNorm, nn.RMSNorm], ids=["traced_through", "nn.RMSNorm"])
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_rms_norm_stream_is_an_inexact_prunable_group(norm: type[nn.Module], capture: str) -> None:
+    """The residual stream under RMSNorm is prunable but inexact (its statistic spans the channels), as under
+    LayerNorm; it used to freeze ("mean over channels"). Pruning it gives the planned shapes and a model that
+    runs; the MLP widths stay exact (prune == mask)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 8)
+    model = RMSStream(norm).eval()
+    gm = idap_fx.trace(model, x) if capture == "fx" else from_exported(torch.export.export(model, (x,)))
+    dg = idap_fx.analyze(gm)
+    stream = [g for g in dg.prunable if not g.exact]
+    assert len(stream) == 1 and stream[0].size == 16, [(g.id, g.size, g.exact) for g in dg.prunable]
+    reason = stream[0].inexact_reason
+    assert "over channels" in reason or "statistics span the channels" in reason, reason
+    mlp = {g.id: [0, 5, 9] for g in dg.prunable if g.exact}
+    assert len(mlp) == 2
+    _oracle(gm, mlp, x)
+    plan = {stream[0].id: [1, 4, 11]}
+    pruned = idap_fx.prune(gm, plan, dg)
+    assert {k: tuple(v.shape) for k, v in pruned.state_dict().items()} == expected_param_shapes(
+        gm, dg.expected_numel(plan)
+    )
+    with torch.no_grad():
+        out = pruned(x)
+    assert out.shape == (3, 4, 5) and torch.isfinite(out).all()

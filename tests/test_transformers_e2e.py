@@ -272,3 +272,31 @@ def test_pruned_bert_exports_to_onnx_with_fewer_heads(hf: ModuleType, tmp_path) 
     with torch.no_grad():
         want = _out(pruned(*other)).numpy()
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_llama_rms_norm_stream_is_an_inexact_group_pruned_consistently(hf: ModuleType) -> None:
+    """Llama's residual stream runs through RMSNorm written as pow / mean / rsqrt (traced through): it used to
+    freeze ("mean over channels"); now it is one inexact group (as under LayerNorm) holding the embedding and
+    every RMSNorm weight, prunable with ``prune_inexact``. Heads stay frozen (RoPE, GQA: issue 13)."""
+    torch.manual_seed(0)
+    cfg = hf.LlamaConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32,
+    )  # fmt: skip
+    x = _text(2, 8)
+    gm = trace_hf(hf.LlamaForCausalLM(cfg).eval(), NAMES, x)
+    dg = idap_fx.analyze(gm)
+    stream = dg.group("model_embed_tokens")
+    assert stream.size == 32 and stream.prunable and not stream.exact
+    assert "mean over channels" in stream.inexact_reason
+    assert sorted(g.size for g in dg.prunable if g.exact) == [48, 48]  # the two MLP widths
+    removed = [1, 5, 9, 20]
+    pruned = idap_fx.prune(gm, {stream.id: removed}, dg)
+    norms = {k: v for k, v in pruned.state_dict().items() if k.endswith("norm.weight")}
+    assert len(norms) == 2 * 2 + 1 and all(v.shape == (28,) for v in norms.values()), norms.keys()
+    kept = [c for c in range(32) if c not in removed]
+    assert torch.equal(norms["model.norm.weight"], gm.state_dict()["model.norm.weight"][kept])
+    assert pruned.state_dict()["model.embed_tokens.weight"].shape == (100, 28)
+    with torch.no_grad():
+        got = _out(pruned(*x))
+    assert got.shape == (2, 8, 100) and torch.isfinite(got).all()

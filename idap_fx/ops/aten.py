@@ -65,7 +65,7 @@ register(aten.matmul.default, aten.bmm.default, aten.mm.default)(shape._matmul)
 register(aten.scaled_dot_product_attention.default)(shape._sdpa)
 register(aten.linear.default)(linalg._linear_fn)
 register(aten.addmm.default)(linalg._addmm)
-register(aten.layer_norm.default, fix="layer_norm")(layers._layer_norm_fn)
+register(aten.layer_norm.default, aten.rms_norm.default, fix="layer_norm")(layers._layer_norm_fn)
 
 SPATIAL = {
     aten.adaptive_avg_pool2d.default: 2, aten._adaptive_avg_pool2d.default: 2, aten.adaptive_avg_pool1d.default: 1,

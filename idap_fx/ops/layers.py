@@ -3,7 +3,7 @@
 Grouped convolutions keep their groups balanced: a unit is one in-group position in
 every group (or, for depthwise convs, one whole group: input channel + its outputs).
 Normalisation layers slice their per-channel parameters; LayerNorm over
-channels also marks the group inexact (its statistics change when channels go); GroupNorm
+channels (and RMSNorm) also marks the group inexact (its statistics change when channels go); GroupNorm
 is in ``functional`` (whole groups are its units).
 """
 
@@ -125,15 +125,15 @@ def _norm_last(ctx, node: fx.Node, lay: Layout, k: int, weight_attrs: bool) -> L
     return lay
 
 
-@register(nn.LayerNorm)
+@register(nn.LayerNorm, nn.RMSNorm)
 def _layer_norm(ctx, node: fx.Node) -> Layout:
     mod = ctx.module(node)
     return _norm_last(ctx, node, ctx.layout(node.args[0]), len(mod.normalized_shape), True)
 
 
-@register(F.layer_norm, fix="layer_norm")
+@register(F.layer_norm, F.rms_norm, fix="layer_norm")
 def _layer_norm_fn(ctx, node: fx.Node) -> Layout:
-    """``F.layer_norm(x, shape, weight, bias)`` with weight/bias from get_attr nodes."""
+    """``F.layer_norm(x, shape, weight, bias)`` / ``F.rms_norm(x, shape, weight)`` with weight/bias from get_attr nodes."""
     from idap_fx.ops.elementwise import _elementwise
 
     shape = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]

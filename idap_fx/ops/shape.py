@@ -337,8 +337,14 @@ def _reduce(ctx, node: fx.Node) -> Layout:
             axes.append(ax.moved(mapping))
         elif name == "sum" and set(ax.dims) <= reduced:
             ctx.coupling.input_mask(node.name, 0, ax.dims, ax.ids)
+        elif (
+            set(ax.dims) <= reduced
+        ):  # a statistic over whole channel axes: shapes survive pruning, values move
+            ctx.coupling.inexact(
+                ax.ids, f"{node.name}: {name} over channels (a statistic, as in LayerNorm / RMSNorm)"
+            )
         else:
-            ctx.coupling.freeze(ax.ids, f"{node.name}: {name} over channels")
+            ctx.coupling.freeze(ax.ids, f"{node.name}: {name} over part of a channel axis")
     return Layout(nd_out, tuple(axes))
 
 
