@@ -16,19 +16,31 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _render_docs() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("render_docs", ROOT / "bench" / "render_docs.py")
+def _bench_module(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-rd = _render_docs()
+rd = _bench_module("render_docs")
+rm = _bench_module("render_matrix")  # the quality matrix's goal table (its own markers)
 
 
 def test_docs_tables_match_their_results_files() -> None:
     assert rd.drifted() == [], "run: .venv/bin/python bench/render_docs.py"
+
+
+def test_the_quality_matrix_goal_tables_match_their_results_file(tmp_path: Path) -> None:
+    out = json.loads((ROOT / "bench/results/quality_matrix.json").read_text())
+    assert rm.drifted(out) == [], "run: .venv/bin/python bench/render_matrix.py"
+    doc = tmp_path / "README.md"
+    doc.write_text(f"x\n{rm.BEGIN}{rm.END}\n")
+    rm.update_docs(out, (doc,))
+    assert rm.drifted(out, (doc,)) == [] and "| digits | 70% |" in doc.read_text()
+    doc.write_text(doc.read_text().replace("| digits | 70% | ", "| digits | 70% | 1"))  # a hand edit
+    assert rm.drifted(out, (doc,)) == [str(doc)]
 
 
 def test_the_docs_do_use_generated_figures() -> None:
