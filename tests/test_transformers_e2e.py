@@ -300,3 +300,38 @@ def test_llama_rms_norm_stream_is_an_inexact_group_pruned_consistently(hf: Modul
     with torch.no_grad():
         got = _out(pruned(*x))
     assert got.shape == (2, 8, 100) and torch.isfinite(got).all()
+
+
+ROTARY = {  # (config class, model class, extra config): decoders with rotary embeddings (and GQA where they have it)
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {"num_key_value_heads": 2}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"num_key_value_heads": 2}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"num_key_value_heads": 2, "pad_token_id": 0}),  # fused gate_up
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),  # fused query_key_value
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROTARY))
+def test_rotary_decoders_mlp_widths_are_exact_and_the_stream_inexact(hf: ModuleType, name: str) -> None:
+    """What rotary-embedding decoders get today: every MLP width prunable and exact (prune == mask, Phi-3's
+    fused gate_up_proj included), the residual stream one inexact group (RMSNorm; GPT-NeoX: LayerNorm); heads still
+    freeze (issue 13)."""
+    cfg_cls, model_cls, extra = ROTARY[name]
+    torch.manual_seed(0)
+    cfg = getattr(hf, cfg_cls)(
+        vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=32, **extra,
+    )  # fmt: skip
+    x = _text(2, 8)
+    gm = trace_hf(getattr(hf, model_cls)(cfg).eval(), NAMES, x)
+    dg = idap_fx.analyze(gm)
+    exact = [g for g in dg.prunable if g.exact]
+    inexact = [g for g in dg.prunable if not g.exact]
+    assert sorted(g.size for g in exact) == [48, 48], [(g.id, g.size) for g in dg.prunable]
+    assert [g.size for g in inexact] == [32] and "channels" in inexact[
+        0
+    ].inexact_reason  # RMSNorm, or LayerNorm
+    plan = {g.id: [1, 7, 30] for g in exact}
+    pruned, masked = idap_fx.prune(gm, plan, dg), idap_fx.mask(gm, plan, dg)
+    with torch.no_grad():
+        got, want, before = _out(pruned(*x)), _out(masked(*x)), _out(gm(*x))
+    assert rel_err(got, want) <= 1e-4 and rel_err(got, before) > 1e-4
