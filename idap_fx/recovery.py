@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from idap_fx.collective import reducer
 from idap_fx.dependency import DependencyGraph, Plan
+from idap_fx.distill_features import StudentWithAdapters, adapter, feature_nodes, node_shape, tap
 from idap_fx.errors import IdapError
 from idap_fx.stats import Site, batch_args
 
@@ -212,65 +213,6 @@ def run_fine_tune(
     return out, RecoveryRecord("fine_tune", start.first, start.best, None, 1, "kept the callback's model")
 
 
-def _tap(gm: fx.GraphModule, names: list[str]) -> fx.GraphModule:
-    """A GraphModule sharing ``gm``'s modules that also returns the outputs of nodes ``names``."""
-    graph = copy.deepcopy(gm.graph)
-    by_name = {n.name: n for n in graph.nodes}
-    out = next(n for n in graph.nodes if n.op == "output")
-    out.args = ((out.args[0], tuple(by_name[n] for n in names)),)
-    graph.lint()
-    return fx.GraphModule(gm, graph)
-
-
-def _shape(n: fx.Node) -> tuple[int, ...] | None:
-    meta = n.meta.get("tensor_meta")
-    return tuple(meta.shape) if hasattr(meta, "shape") else None
-
-
-def feature_nodes(student: fx.GraphModule, teacher: fx.GraphModule, count: int = 3) -> list[str]:
-    """Up to ``count`` intermediate nodes (at 1/4, 1/2, 3/4 depth) present in both graphs with 3-D/4-D outputs."""
-    teacher_nodes = {n.name: n for n in teacher.graph.nodes}
-    shared = [
-        n.name
-        for n in student.graph.nodes
-        if n.op in ("call_module", "call_function", "call_method")
-        and n.name in teacher_nodes
-        and (s := _shape(n)) is not None
-        and len(s) in (3, 4)
-        and (t := _shape(teacher_nodes[n.name])) is not None
-        and len(t) == len(s)
-    ]
-    if not shared:
-        return []
-    picks = sorted(
-        {shared[int(len(shared) * q / (count + 1))] for q in range(1, count + 1)}, key=shared.index
-    )
-    return picks
-
-
-def _adapter(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...]) -> nn.Module:
-    cs, ct = (
-        (student_shape[1], teacher_shape[1])
-        if len(student_shape) == 4
-        else (student_shape[-1], teacher_shape[-1])
-    )
-    if cs == ct:
-        return nn.Identity()
-    return nn.Conv2d(cs, ct, 1) if len(student_shape) == 4 else nn.Linear(cs, ct)
-
-
-class _StudentWithAdapters(nn.Module):
-    """The tapped student and its feature adapters as one module (one DDP wrapper for both)."""
-
-    def __init__(self, student: fx.GraphModule, adapters: nn.ModuleList) -> None:
-        super().__init__()
-        self.student, self.adapters = student, adapters
-
-    def forward(self, *inputs: Any) -> tuple[Any, list[torch.Tensor]]:
-        out, feats = self.student(*inputs)
-        return out, [ad(f) for ad, f in zip(self.adapters, feats, strict=True)]
-
-
 def _loader(train_loader: Iterable[Any]) -> Iterable[Any]:
     """Shard a DataLoader across ranks with a DistributedSampler when running distributed."""
     if not (dist.is_available() and dist.is_initialized()) or not isinstance(train_loader, DataLoader):
@@ -312,10 +254,10 @@ def distill(
     names = feature_nodes(student, teacher)
     nodes_s = {n.name: n for n in student.graph.nodes}
     nodes_t = {n.name: n for n in teacher.graph.nodes}
-    adapters = nn.ModuleList(_adapter(_shape(nodes_s[n]), _shape(nodes_t[n])) for n in names)
-    tapped_s, tapped_t = _tap(student, names), _tap(teacher, names)
+    adapters = nn.ModuleList(adapter(node_shape(nodes_s[n]), node_shape(nodes_t[n])) for n in names)
+    tapped_s, tapped_t = tap(student, names), tap(teacher, names)
     n_inputs = sum(1 for n in student.graph.nodes if n.op == "placeholder")
-    train_module: nn.Module = _StudentWithAdapters(tapped_s, adapters)
+    train_module: nn.Module = StudentWithAdapters(tapped_s, adapters)
     runner: nn.Module = train_module
     if data_parallel and dist.is_available() and dist.is_initialized():
         runner = DistributedDataParallel(train_module)  # adapters' gradients are averaged too

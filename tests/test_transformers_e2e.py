@@ -335,3 +335,28 @@ def test_rotary_decoders_mlp_widths_are_exact_and_the_stream_inexact(hf: ModuleT
     with torch.no_grad():
         got, want, before = _out(pruned(*x)), _out(masked(*x)), _out(gm(*x))
     assert rel_err(got, want) <= 1e-4 and rel_err(got, before) > 1e-4
+
+
+def test_distillation_matches_only_features_an_adapter_can_map(hf: ModuleType) -> None:
+    """Head pruning leaves (b, t, heads, head_dim) views whose widths differ outside the channel dim; distillation
+    (and ``auto``'s probe) must not pick them as features (MiniLM's probe crashed on one: 8 vs 12 heads)."""
+    from idap_fx.recovery import distill, feature_nodes
+
+    x = _text(4, 8)
+    gm = trace_hf(_model(hf, "bert_cls"), NAMES, x)
+    dg = idap_fx.analyze(gm)
+    heads = [g for g in dg.prunable if g.exact and g.size == 4]  # the attention groups (4 heads each)
+    assert heads
+    pruned = idap_fx.prune(gm, {g.id: [1] for g in heads}, dg)
+    teacher = {n.name: n for n in gm.graph.nodes}
+    shape = lambda n: tuple(n.meta["tensor_meta"].shape)  # noqa: E731
+    differ_inside = [
+        n.name
+        for n in pruned.graph.nodes
+        if n.name in teacher and "tensor_meta" in n.meta and hasattr(n.meta["tensor_meta"], "shape")
+        and len(shape(n)) == 4 and shape(n)[2] != shape(teacher[n.name])[2]
+    ]  # fmt: skip
+    assert differ_inside  # the case exists in this graph
+    picked = feature_nodes(pruned, gm, count=10_000)  # every candidate
+    assert picked and not set(picked) & set(differ_inside)
+    distill(pruned, gm, [x] * 3, steps=3, lr=1e-4)  # runs (it raised a size mismatch before)
