@@ -19,6 +19,7 @@ from idap_fx.dependency import Coupling, DependencyGraph
 from idap_fx.errors import AnalysisError
 from idap_fx.layout import Axis, Dynamic, Layout, all_ids, dim_ids, layouts_in
 from idap_fx.ops.registry import is_tensor_meta, lookup, meta_shape
+from idap_fx.ops.shape import fix_shape_args
 
 
 class RuleContext:
@@ -129,7 +130,7 @@ class LayoutProp(fx.Interpreter):
             except Exception as exc:  # a rule that cannot handle this use is a boundary too
                 reason = f"{_describe(n, self.module)} (rule '{rule.name}' declined: {exc})"
             else:
-                if rule.fix != "shape_args":
+                if rule.fix is not fix_shape_args:  # only view/reshape/expand rewrite their sizes
                     for a in inputs:
                         if isinstance(self.env[a], Dynamic) and self.env[a].taint.size:
                             self.coupling.freeze(

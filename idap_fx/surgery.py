@@ -4,14 +4,14 @@ Both walk the same plan over the same dependency graph, on a deep copy of the in
 ``prune`` slices every member parameter, re-derives module attributes that encode a
 width (``out_channels``, ``num_features``, ``normalized_shape`` ...), and rewrites the
 literal sizes baked into graph arguments (``view``/``reshape`` shapes, split sizes),
-so nothing goes stale. ``mask`` keeps every shape and zeroes the consumer side of each
+so nothing goes stale; those fixers are declared with each op's rule in ``idap_fx.ops``
+and only run here, on a ``_Rewrite`` (the ``ops.registry.Rewrite`` protocol). ``mask`` keeps every shape and zeroes the consumer side of each
 removed channel; it is the oracle ``prune`` is tested against.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -21,9 +21,7 @@ from torch import fx, nn
 from idap_fx.analysis import analyze
 from idap_fx.dependency import DependencyGraph, Plan
 from idap_fx.layout import Layout
-from idap_fx.modules import PrunedMultiheadAttention
-from idap_fx.ops.layers import BATCHNORMS, CONVS, INSTANCENORMS
-from idap_fx.ops.registry import is_tensor_meta, lookup
+from idap_fx.ops.registry import is_tensor_meta, lookup, module_fixer
 
 
 def _split_name(qualname: str) -> tuple[str, str]:
@@ -98,15 +96,9 @@ class _Rewrite:
             if node.op != "call_module" or node.target in done:
                 continue
             done.add(node.target)
-            mod = self.gm.get_submodule(node.target)
-            if isinstance(mod, (nn.MultiheadAttention, PrunedMultiheadAttention)):
-                head_dim = getattr(mod, "head_dim", None) or mod.embed_dim // mod.num_heads
-                self.gm.set_submodule(node.target, PrunedMultiheadAttention.from_mha(mod, head_dim))
-                continue
-            for types, fix in _MODULE_FIXERS:
-                if isinstance(mod, types):
-                    fix(self, node, mod)
-                    break
+            fix = module_fixer(self.gm.get_submodule(node.target))
+            if fix is not None:
+                fix(self, node)
 
     def fix_arguments(self) -> None:
         for node in list(self.gm.graph.nodes):
@@ -114,7 +106,7 @@ class _Rewrite:
                 continue
             rule = lookup(node, self.gm)
             if rule is not None and rule.fix is not None:
-                (rule.fix if callable(rule.fix) else _ARG_FIXERS[rule.fix])(self, node)
+                rule.fix(self, node)
 
     def update_meta(self) -> None:
         """Keep node shapes current so the pruned graph can be analysed again without inputs."""
@@ -130,115 +122,6 @@ class _Rewrite:
                     m._replace(shape=torch.Size(self.shape(node, i))) if is_tensor_meta(m) else m
                     for i, m in enumerate(meta)
                 )
-
-
-def _fix_conv(rw: _Rewrite, node: fx.Node, mod: nn.Module) -> None:
-    per_out = mod.out_channels // mod.groups
-    depthwise = mod.groups > 1 and mod.in_channels == mod.groups
-    mod.out_channels = mod.weight.shape[0]
-    if depthwise:
-        mod.groups = mod.out_channels // per_out
-        mod.in_channels = mod.groups
-    else:
-        mod.in_channels = mod.weight.shape[1] * mod.groups
-
-
-def _fix_linear(rw: _Rewrite, node: fx.Node, mod: nn.Linear) -> None:
-    mod.out_features, mod.in_features = mod.weight.shape
-
-
-def _fix_channel_norm(rw: _Rewrite, node: fx.Node, mod: nn.Module) -> None:
-    mod.num_features = rw.shape(node)[1]
-
-
-def _fix_layer_norm(rw: _Rewrite, node: fx.Node, mod: nn.LayerNorm | nn.RMSNorm) -> None:
-    k = len(mod.normalized_shape)
-    mod.normalized_shape = tuple(rw.shape(node)[-k:])
-
-
-def _fix_group_norm(rw: _Rewrite, node: fx.Node, mod: nn.GroupNorm) -> None:
-    """Whole groups go (the group size stays), unless there is only one group."""
-    new_c = rw.shape(node)[1]
-    if mod.num_groups > 1:
-        mod.num_groups = new_c // (mod.num_channels // mod.num_groups)
-    mod.num_channels = new_c
-
-
-def _fix_prelu(rw: _Rewrite, node: fx.Node, mod: nn.PReLU) -> None:
-    mod.num_parameters = mod.weight.numel()
-
-
-def _fix_conv_transpose(rw: _Rewrite, node: fx.Node, mod: nn.Module) -> None:
-    mod.in_channels = mod.weight.shape[0]
-    mod.out_channels = mod.weight.shape[1] * mod.groups
-
-
-def _fix_embedding(rw: _Rewrite, node: fx.Node, mod: nn.Embedding) -> None:
-    mod.embedding_dim = mod.weight.shape[1]
-
-
-_MODULE_FIXERS: list[tuple[tuple[type, ...], Callable[[_Rewrite, fx.Node, Any], None]]] = [
-    (CONVS, _fix_conv),
-    ((nn.Linear,), _fix_linear),
-    ((*BATCHNORMS, *INSTANCENORMS), _fix_channel_norm),
-    ((nn.LayerNorm, nn.RMSNorm), _fix_layer_norm),
-    ((nn.GroupNorm,), _fix_group_norm),
-    ((nn.PReLU,), _fix_prelu),
-    ((nn.Embedding,), _fix_embedding),
-    ((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), _fix_conv_transpose),
-]
-
-
-def _fix_shape_args(rw: _Rewrite, node: fx.Node) -> None:
-    """Literal sizes in view/reshape/expand follow the new widths; -1 and graph values adapt."""
-    new = rw.shape(node)
-    nested = node.op == "call_method" and len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
-    if node.op == "call_method" and not nested:
-        sizes, rebuild = list(node.args[1:]), lambda s: (node.args[0], *s)
-    elif node.op == "call_method":
-        sizes, rebuild = list(node.args[1]), lambda s: (node.args[0], type(node.args[1])(s))
-    else:
-        sizes, rebuild = list(node.args[1]), lambda s: (node.args[0], type(node.args[1])(s), *node.args[2:])
-    if len(sizes) != len(new):
-        return
-    changed = [new[d] if isinstance(s, int) and s > 0 and s != new[d] else s for d, s in enumerate(sizes)]
-    if changed != sizes:
-        node.args = rebuild(changed)
-
-
-def _fix_split(rw: _Rewrite, node: fx.Node) -> None:
-    """``split``/``chunk`` become ``split`` with explicit sizes once the parts differ in width."""
-    old_meta = node.meta["tensor_meta"]
-    src = node.args[0]
-    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-    nd = len(old_meta[0].shape)
-    d = dim + nd if dim < 0 else dim
-    sizes = [rw.shape(node, i)[d] for i in range(len(old_meta))]
-    if sizes == [int(m.shape[d]) for m in old_meta] and node.target in ("split", torch.split):
-        return
-    node.kwargs = {}
-    if node.op == "call_method":
-        node.target = "split"
-        node.args = (src, sizes, dim)
-    else:
-        node.target = torch.split
-        node.args = (src, sizes, dim)
-
-
-def _fix_layer_norm_fn(rw: _Rewrite, node: fx.Node) -> None:
-    shape = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
-    new = tuple(rw.shape(node)[-len(shape) :])
-    if len(node.args) > 1:
-        node.args = (node.args[0], new, *node.args[2:])
-    else:
-        node.kwargs = {**node.kwargs, "normalized_shape": new}
-
-
-_ARG_FIXERS: dict[str, Callable[[_Rewrite, fx.Node], None]] = {
-    "shape_args": _fix_shape_args,
-    "split": _fix_split,
-    "layer_norm": _fix_layer_norm_fn,
-}
 
 
 def _sliced_tensors(gm: fx.GraphModule, dg: DependencyGraph, removed: np.ndarray) -> dict[int, Any]:

@@ -356,7 +356,11 @@ class PruneChannels(IdapPass):
             return one_shot, None, where
         after = budget.held_out if budget.evaluate is not None else held_out_loss(graph_module, held)
         probe = partial(recoverability, teacher=graph_module, train=train, measure=after, seed=self.ctx.seed)
-        return one_shot, probe, f"{where} → held-out distillation loss after a {PROBE_STEPS}-step distillation probe"
+        return (
+            one_shot,
+            probe,
+            f"{where} → held-out distillation loss after a {PROBE_STEPS}-step distillation probe",
+        )
 
     def _run(self, graph_module: fx.GraphModule) -> PassResult:
         current, modified, record = graph_module, False, self.record

@@ -18,8 +18,8 @@ import torch
 from torch import fx
 
 from idap_fx.layout import Axis, Layout
-from idap_fx.ops import creation, elementwise, layers, linalg, shape
-from idap_fx.ops.registry import register
+from idap_fx.ops import creation, elementwise, layers, linalg, mixing, shape
+from idap_fx.ops.registry import Rewrite, register
 
 aten = torch.ops.aten
 
@@ -46,26 +46,30 @@ ELEMENTWISE = _all(
 )  # fmt: skip
 register(*ELEMENTWISE)(elementwise._elementwise)
 
-register(aten.view.default, aten.reshape.default, aten._unsafe_view.default, fix="shape_args")(shape._reshape)
-register(aten.expand.default, fix="shape_args")(shape._expand)
+register(aten.view.default, aten.reshape.default, aten._unsafe_view.default, fix=shape.fix_shape_args)(
+    shape._reshape
+)
+register(aten.expand.default, fix=shape.fix_shape_args)(shape._expand)
 register(*_all(aten.flatten, aten.unflatten, aten.squeeze, aten.unsqueeze))(shape._flatten)
 register(aten.permute.default)(shape._permute)
 register(aten.transpose.int)(shape._transpose)
 register(aten.cat.default)(shape._cat)
 register(aten.stack.default)(shape._stack)
-register(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, fix="split")(shape._split)
+register(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, fix=shape._fix_split)(
+    shape._split
+)
 register(
     aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default, aten.var.correction,
     aten.std.correction,
-)(shape._reduce)  # fmt: skip
+)(mixing._reduce)  # fmt: skip
 register(aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default)(
-    shape._softmax
+    mixing._softmax
 )
-register(aten.matmul.default, aten.bmm.default, aten.mm.default)(shape._matmul)
-register(aten.scaled_dot_product_attention.default)(shape._sdpa)
+register(aten.matmul.default, aten.bmm.default, aten.mm.default)(mixing._matmul)
+register(aten.scaled_dot_product_attention.default)(mixing._sdpa)
 register(aten.linear.default)(linalg._linear_fn)
 register(aten.addmm.default)(linalg._addmm)
-register(aten.layer_norm.default, aten.rms_norm.default, fix="layer_norm")(layers._layer_norm_fn)
+register(aten.layer_norm.default, aten.rms_norm.default, fix=layers._fix_layer_norm_fn)(layers._layer_norm_fn)
 
 SPATIAL = {
     aten.adaptive_avg_pool2d.default: 2, aten._adaptive_avg_pool2d.default: 2, aten.adaptive_avg_pool1d.default: 1,
@@ -78,13 +82,13 @@ SPATIAL = {
 @register(*SPATIAL)
 def _pool(ctx, node: fx.Node) -> Any:
     """Pooling and resizing: the trailing spatial dims mix, channel dims pass (with-indices: two outputs)."""
-    out = shape.spatial_axes(ctx, node, ctx.layout(node.args[0]), SPATIAL[node.target])
+    out = mixing.spatial_axes(ctx, node, ctx.layout(node.args[0]), SPATIAL[node.target])
     return (out, out) if node.target is aten.max_pool2d_with_indices.default else out
 
 
 @register(aten.constant_pad_nd.default)
 def _pad(ctx, node: fx.Node) -> Layout:
-    return shape.spatial_axes(ctx, node, ctx.layout(node.args[0]), len(node.args[1]) // 2)
+    return mixing.spatial_axes(ctx, node, ctx.layout(node.args[0]), len(node.args[1]) // 2)
 
 
 @register(aten.t.default)
@@ -105,7 +109,7 @@ def _conv_args(node: fx.Node) -> tuple[fx.Node, fx.Node, Any, int]:
     return node.args[0], weight, bias, groups
 
 
-def _fix_conv(rw: Any, node: fx.Node) -> None:
+def _fix_conv(rw: Rewrite, node: fx.Node) -> None:
     """A depthwise conv's ``groups`` follows its channel count."""
     x, weight, _, groups = _conv_args(node)
     old_in = int(x.meta["tensor_meta"].shape[1])
@@ -187,7 +191,7 @@ def _batch_norm(ctx, node: fx.Node) -> Any:
     return lay, _stats(ctx, node, 1), _stats(ctx, node, 2)
 
 
-def _fix_native_layer_norm(rw: Any, node: fx.Node) -> None:
+def _fix_native_layer_norm(rw: Rewrite, node: fx.Node) -> None:
     k = len(node.args[1])
     node.args = (node.args[0], tuple(rw.shape(node, 0)[-k:]), *node.args[2:])
 
@@ -233,7 +237,7 @@ def _slice(ctx, node: fx.Node) -> Layout:
     """``x[..., start:end:step, ...]`` on one dim: a whole-dim slice passes channels, a partial one freezes them."""
     lay = ctx.layout(node.args[0])
     size = ctx.shape(node.args[0])
-    dim = shape._norm_dim(node.args[1] if len(node.args) > 1 else 0, lay.ndim)
+    dim = shape.norm_dim(node.args[1] if len(node.args) > 1 else 0, lay.ndim)
     start, end, step = (list(node.args[2:]) + [None, None, 1])[:3]
     if shape._whole(start, end, step, size[dim]):
         return lay
@@ -253,7 +257,7 @@ def _slice(ctx, node: fx.Node) -> Layout:
 def _select(ctx, node: fx.Node) -> Layout:
     """``x.select(dim, i)``: the dim goes away; channels on it are frozen."""
     lay = ctx.layout(node.args[0])
-    dim = shape._norm_dim(node.args[1], lay.ndim)
+    dim = shape.norm_dim(node.args[1], lay.ndim)
     axes = []
     for ax in lay.axes:
         if dim in ax.dims:
@@ -267,7 +271,7 @@ def _select(ctx, node: fx.Node) -> Layout:
 def _unbind(ctx, node: fx.Node) -> tuple[Layout, ...]:
     """``x.unbind(dim)``: one output per index of ``dim`` (channels on it are frozen)."""
     lay = ctx.layout(node.args[0])
-    dim = shape._norm_dim(node.args[1] if len(node.args) > 1 else 0, lay.ndim)
+    dim = shape.norm_dim(node.args[1] if len(node.args) > 1 else 0, lay.ndim)
     axes = []
     for ax in lay.axes:
         if dim in ax.dims:

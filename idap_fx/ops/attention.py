@@ -23,7 +23,7 @@ from torchvision.models import swin_transformer as tv_swin
 
 from idap_fx.layout import Axis, Layout
 from idap_fx.ops.merge import _collapse
-from idap_fx.ops.registry import register
+from idap_fx.ops.registry import Rewrite, register
 
 _ARGS = (
     "input", "qkv_weight", "proj_weight", "relative_position_bias", "window_size", "num_heads", "shift_size",
@@ -114,7 +114,7 @@ def _axis_ids(lay: Layout, dim: int, size: int, what: str) -> np.ndarray | None:
     return ax.ids
 
 
-def _fix_window_attention(rw: Any, node: fx.Node) -> None:
+def _fix_window_attention(rw: Rewrite, node: fx.Node) -> None:
     """Call ``window_attention`` with the number of heads left after pruning."""
     args = _bound(node)
     old_rows = int(args["qkv_weight"].meta["tensor_meta"].shape[0])

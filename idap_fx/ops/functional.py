@@ -21,7 +21,7 @@ from idap_fx.layout import Axis, Layout
 from idap_fx.ops import aten as aten_rules
 from idap_fx.ops import layers
 from idap_fx.ops.merge import _collapse
-from idap_fx.ops.registry import register
+from idap_fx.ops.registry import Rewrite, register
 
 aten = torch.ops.aten
 
@@ -43,7 +43,13 @@ def transpose_conv_units(ctx, node: fx.Node, lay: Layout, out_c: int, groups: in
     return in_ids, ctx.coupling.new_space(node.name, out_c)
 
 
-@register(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+def _fix_conv_transpose(rw: Rewrite, node: fx.Node) -> None:
+    mod = rw.gm.get_submodule(node.target)
+    mod.in_channels = mod.weight.shape[0]
+    mod.out_channels = mod.weight.shape[1] * mod.groups
+
+
+@register(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, fix=_fix_conv_transpose)
 def _conv_transpose(ctx, node: fx.Node) -> Layout:
     """``nn.ConvTranspose*``: the weight is in x out/groups x kernel."""
     mod = ctx.module(node)
@@ -83,7 +89,7 @@ def _conv_transpose_fn(ctx, node: fx.Node) -> Layout:
     return Layout(lay.ndim, (Axis((1,), out_ids),))
 
 
-def _fix_convolution(rw: Any, node: fx.Node) -> None:
+def _fix_convolution(rw: Rewrite, node: fx.Node) -> None:
     if not node.args[6]:  # transposed ones are not grouped (see transpose_conv_units)
         aten_rules._fix_conv(rw, node)
 
@@ -134,7 +140,16 @@ def _channel_ids(lay: Layout) -> np.ndarray | None:
     return None if ax is None else ax.ids
 
 
-@register(nn.GroupNorm)
+def _fix_group_norm(rw: Rewrite, node: fx.Node) -> None:
+    """Whole groups go (the group size stays), unless there is only one group."""
+    mod = rw.gm.get_submodule(node.target)
+    new_c = rw.shape(node)[1]
+    if mod.num_groups > 1:
+        mod.num_groups = new_c // (mod.num_channels // mod.num_groups)
+    mod.num_channels = new_c
+
+
+@register(nn.GroupNorm, fix=_fix_group_norm)
 def _group_norm(ctx, node: fx.Node) -> Layout:
     mod = ctx.module(node)
     lay = ctx.layout(node.args[0])
@@ -153,7 +168,7 @@ def _group_norm_args(node: fx.Node) -> tuple[int, Any, Any]:
     return arg(node, 1, "num_groups"), arg(node, 2, "weight"), arg(node, 3, "bias")
 
 
-def _fix_group_norm_fn(rw: Any, node: fx.Node) -> None:
+def _fix_group_norm_fn(rw: Rewrite, node: fx.Node) -> None:
     """``num_groups`` (and core ATen's ``C``) follow the removed groups; the group size stays."""
     groups = _group_norm_args(node)[0]
     old_c = int(node.args[0].meta["tensor_meta"].shape[1])

@@ -4,7 +4,8 @@ Grouped convolutions keep their groups balanced: a unit is one in-group position
 every group (or, for depthwise convs, one whole group: input channel + its outputs).
 Normalisation layers slice their per-channel parameters; LayerNorm over
 channels (and RMSNorm) also marks the group inexact (its statistics change when channels go); GroupNorm
-is in ``functional`` (whole groups are its units).
+is in ``functional`` (whole groups are its units). Each rule's fixer re-derives the
+layer's width attributes from its sliced parameters after pruning.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torchvision.ops import stochastic_depth
 from idap_fx.layout import Axis, Layout
 from idap_fx.modules import PrunedMultiheadAttention
 from idap_fx.ops.merge import _collapse
-from idap_fx.ops.registry import register
+from idap_fx.ops.registry import Rewrite, register
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -37,7 +38,20 @@ def _channel_axis(ctx, node: fx.Node, lay: Layout, dim: int) -> np.ndarray | Non
     return ids
 
 
-@register(*CONVS)
+def _fix_conv(rw: Rewrite, node: fx.Node) -> None:
+    """Widths follow the sliced weight; a depthwise conv keeps its multiplier (groups = channels)."""
+    mod = rw.gm.get_submodule(node.target)
+    per_out = mod.out_channels // mod.groups
+    depthwise = mod.groups > 1 and mod.in_channels == mod.groups
+    mod.out_channels = mod.weight.shape[0]
+    if depthwise:
+        mod.groups = mod.out_channels // per_out
+        mod.in_channels = mod.groups
+    else:
+        mod.in_channels = mod.weight.shape[1] * mod.groups
+
+
+@register(*CONVS, fix=_fix_conv)
 def _conv(ctx, node: fx.Node) -> Layout:
     mod = ctx.module(node)
     lay = ctx.layout(node.args[0])
@@ -78,7 +92,12 @@ def couple_conv_groups(
     return in_ids
 
 
-@register(nn.Linear)
+def _fix_linear(rw: Rewrite, node: fx.Node) -> None:
+    mod = rw.gm.get_submodule(node.target)
+    mod.out_features, mod.in_features = mod.weight.shape
+
+
+@register(nn.Linear, fix=_fix_linear)
 def _linear(ctx, node: fx.Node) -> Layout:
     mod = ctx.module(node)
     lay = ctx.layout(node.args[0])
@@ -97,7 +116,11 @@ def _linear(ctx, node: fx.Node) -> Layout:
     return Layout(lay.ndim, (*keep, Axis((last,), out_ids)))
 
 
-@register(*BATCHNORMS, *INSTANCENORMS)
+def _fix_channel_norm(rw: Rewrite, node: fx.Node) -> None:
+    rw.gm.get_submodule(node.target).num_features = rw.shape(node)[1]
+
+
+@register(*BATCHNORMS, *INSTANCENORMS, fix=_fix_channel_norm)
 def _channel_norm(ctx, node: fx.Node) -> Layout:
     lay = ctx.layout(node.args[0])
     ax = lay.axis_of(1)
@@ -125,13 +148,28 @@ def _norm_last(ctx, node: fx.Node, lay: Layout, k: int, weight_attrs: bool) -> L
     return lay
 
 
-@register(nn.LayerNorm, nn.RMSNorm)
+def _fix_layer_norm(rw: Rewrite, node: fx.Node) -> None:
+    mod = rw.gm.get_submodule(node.target)
+    mod.normalized_shape = tuple(rw.shape(node)[-len(mod.normalized_shape) :])
+
+
+@register(nn.LayerNorm, nn.RMSNorm, fix=_fix_layer_norm)
 def _layer_norm(ctx, node: fx.Node) -> Layout:
     mod = ctx.module(node)
     return _norm_last(ctx, node, ctx.layout(node.args[0]), len(mod.normalized_shape), True)
 
 
-@register(F.layer_norm, F.rms_norm, fix="layer_norm")
+def _fix_layer_norm_fn(rw: Rewrite, node: fx.Node) -> None:
+    """The ``normalized_shape`` argument of ``F.layer_norm`` / ``F.rms_norm`` (and ATen's) follows the widths."""
+    shape = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
+    new = tuple(rw.shape(node)[-len(shape) :])
+    if len(node.args) > 1:
+        node.args = (node.args[0], new, *node.args[2:])
+    else:
+        node.kwargs = {**node.kwargs, "normalized_shape": new}
+
+
+@register(F.layer_norm, F.rms_norm, fix=_fix_layer_norm_fn)
 def _layer_norm_fn(ctx, node: fx.Node) -> Layout:
     """``F.layer_norm(x, shape, weight, bias)`` / ``F.rms_norm(x, shape, weight)`` with weight/bias from get_attr nodes."""
     from idap_fx.ops.elementwise import _elementwise
@@ -141,7 +179,12 @@ def _layer_norm_fn(ctx, node: fx.Node) -> Layout:
     return _elementwise(ctx, node)  # couples the weight/bias get_attr tensors with the channels
 
 
-@register(nn.PReLU)
+def _fix_prelu(rw: Rewrite, node: fx.Node) -> None:
+    mod = rw.gm.get_submodule(node.target)
+    mod.num_parameters = mod.weight.numel()
+
+
+@register(nn.PReLU, fix=_fix_prelu)
 def _prelu(ctx, node: fx.Node) -> Layout:
     mod = ctx.module(node)
     lay = ctx.layout(node.args[0])
@@ -159,7 +202,12 @@ def _stochastic_depth(ctx, node: fx.Node) -> Layout:
     return ctx.layout(node.args[0])
 
 
-@register(nn.Embedding)
+def _fix_embedding(rw: Rewrite, node: fx.Node) -> None:
+    mod = rw.gm.get_submodule(node.target)
+    mod.embedding_dim = mod.weight.shape[1]
+
+
+@register(nn.Embedding, fix=_fix_embedding)
 def _embedding(ctx, node: fx.Node) -> Layout:
     mod = ctx.module(node)
     lay = ctx.layout(node.args[0])
@@ -168,7 +216,14 @@ def _embedding(ctx, node: fx.Node) -> Layout:
     return Layout(lay.ndim + 1, (*lay.axes, Axis((lay.ndim,), out_ids)))
 
 
-@register(nn.MultiheadAttention, PrunedMultiheadAttention)
+def _fix_attention(rw: Rewrite, node: fx.Node) -> None:
+    """``nn.MultiheadAttention`` cannot hold independent widths: swap in ``PrunedMultiheadAttention``."""
+    mod = rw.gm.get_submodule(node.target)
+    head_dim = getattr(mod, "head_dim", None) or mod.embed_dim // mod.num_heads
+    rw.gm.set_submodule(node.target, PrunedMultiheadAttention.from_mha(mod, head_dim))
+
+
+@register(nn.MultiheadAttention, PrunedMultiheadAttention, fix=_fix_attention)
 def _attention(ctx, node: fx.Node) -> tuple[Layout, Any]:
     """Self-attention: units are whole heads (q, k, v rows and out_proj columns); input and output widths too."""
     mod = ctx.module(node)

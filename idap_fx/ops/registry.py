@@ -3,9 +3,11 @@
 Rules are keyed by module type (``call_module``), function object (``call_function``)
 or method name (``call_method``). A rule reads the layouts of the node's inputs from a
 ``RuleContext`` and returns the output's layout, recording couplings, parameter
-members and frozen channels on the way. ``fix`` says how the rewrite must update the
-node's own arguments when widths change: the name of a fixer in ``idap_fx.surgery``,
-or a callable ``fix(rewrite, node)`` defined next to the rule. An op with no rule is a
+members and frozen channels on the way. ``fix(rewrite, node)``, declared next to the
+rule, updates what encodes a width once the rewrite has sliced the parameters: a
+module's attributes (``out_channels``, ``normalized_shape`` ...) or the node's literal
+arguments (view shapes, split sizes). Fixers only use the ``Rewrite`` protocol, so
+``ops`` does not depend on ``idap_fx.surgery``, which runs them. An op with no rule is a
 boundary: the analyzer freezes every channel it touches.
 """
 
@@ -13,18 +15,29 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import fx, nn
 
+
+class Rewrite(Protocol):
+    """What a fixer may use of the rewrite (``surgery._Rewrite``), so ``ops`` need not import it."""
+
+    gm: fx.GraphModule  # the copy being pruned, parameters already sliced
+
+    def shape(self, node: fx.Node, index: int | None = None) -> list[int]:
+        """``node``'s output shape after pruning (output ``index`` of a tuple/list output)."""
+        ...
+
+
 Propagate = Callable[[Any, fx.Node], Any]
-Fixer = str | Callable[[Any, fx.Node], None]
+Fixer = Callable[[Rewrite, fx.Node], None]
 
 
 @dataclass(frozen=True)
 class Rule:
-    """One op's semantics: ``propagate(ctx, node) -> output value``, and the arg fixer."""
+    """One op's semantics: ``propagate(ctx, node) -> output value``, and its width fixer."""
 
     name: str
     propagate: Propagate
@@ -87,6 +100,19 @@ def lookup(node: fx.Node, gm: fx.GraphModule) -> Rule | None:
                 return MODULE_RULES[base]
             if base is nn.Module:
                 break
+    return None
+
+
+def module_fixer(mod: nn.Module) -> Fixer | None:
+    """The fixer of the first registered type in ``type(mod)``'s MRO that has one.
+
+    Unlike ``lookup`` this ignores ``forward`` overrides: any instance of a layer type
+    holds that type's width attributes, and they must follow its sliced parameters.
+    """
+    for base in type(mod).__mro__:
+        rule = MODULE_RULES.get(base)
+        if rule is not None and rule.fix is not None:
+            return rule.fix
     return None
 
 

@@ -1,9 +1,10 @@
-"""Ops that move, split, join or reduce dims: reshape family, permute, cat, split, indexing, pooling.
+"""Ops that move, split or join dims: reshape family, permute, cat, split, indexing.
 
 A reshape maps index blocks (runs of input dims whose sizes multiply to runs of output
 dims); a channel dim that becomes two dims (heads x head_dim, groups x per-group) gets
 one dim that may shrink and is made uniform along the others. Literal sizes in the
-node's arguments are rewritten after pruning (fixers named here, applied by surgery).
+node's arguments are rewritten after pruning (fixers here, run by surgery). Ops that combine
+values along dims (reductions, pooling, softmax, matmul) are in ``mixing``.
 """
 
 from __future__ import annotations
@@ -14,21 +15,22 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from idap_fx.layout import Axis, Dynamic, Layout, all_ids
 from idap_fx.ops.merge import Operand, _collapse, merge, to_layout
-from idap_fx.ops.registry import register
+from idap_fx.ops.registry import Rewrite, register
 
 
-def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """Argument ``index`` of ``node``, else its keyword ``name``, else ``default``."""
     if len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(name, default)
 
 
-def _norm_dim(dim: int, nd: int) -> int:
+def norm_dim(dim: int, nd: int) -> int:
+    """``dim`` as a non-negative index into ``nd`` dims."""
     return dim + nd if dim < 0 else dim
 
 
@@ -98,7 +100,7 @@ def reshape_layout(
 
 
 def _shape_args(node: fx.Node) -> list[Any]:
-    rest = list(node.args[1:]) if node.op == "call_method" else [_arg(node, 1, "shape")]
+    rest = list(node.args[1:]) if node.op == "call_method" else [arg(node, 1, "shape")]
     if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
         rest = list(rest[0])
     return rest
@@ -139,7 +141,27 @@ def check_size_args(ctx, node: fx.Node, src: Layout, out: Layout) -> None:
             ctx.coupling.freeze(all_ids(out), f"{node.name}: shape set from another tensor")
 
 
-@register("view", "reshape", torch.reshape, fix="shape_args")
+def fix_shape_args(rw: Rewrite, node: fx.Node) -> None:
+    """Literal sizes in view/reshape/expand follow the new widths; -1 and graph values adapt.
+
+    The analysis lets ops with this fixer take sizes that pruning changes.
+    """
+    new = rw.shape(node)
+    nested = node.op == "call_method" and len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
+    if node.op == "call_method" and not nested:
+        sizes, rebuild = list(node.args[1:]), lambda s: (node.args[0], *s)
+    elif node.op == "call_method":
+        sizes, rebuild = list(node.args[1]), lambda s: (node.args[0], type(node.args[1])(s))
+    else:
+        sizes, rebuild = list(node.args[1]), lambda s: (node.args[0], type(node.args[1])(s), *node.args[2:])
+    if len(sizes) != len(new):
+        return
+    changed = [new[d] if isinstance(s, int) and s > 0 and s != new[d] else s for d, s in enumerate(sizes)]
+    if changed != sizes:
+        node.args = rebuild(changed)
+
+
+@register("view", "reshape", torch.reshape, fix=fix_shape_args)
 def _reshape(ctx, node: fx.Node) -> Layout:
     src = node.args[0]
     lay = ctx.layout(src)
@@ -159,24 +181,24 @@ def _flatten(ctx, node: fx.Node) -> Layout:
 @register("permute", torch.permute)
 def _permute(ctx, node: fx.Node) -> Layout:
     lay = ctx.layout(node.args[0])
-    perm = list(node.args[1:]) if node.op == "call_method" else [_arg(node, 1, "dims")]
+    perm = list(node.args[1:]) if node.op == "call_method" else [arg(node, 1, "dims")]
     if len(perm) == 1 and isinstance(perm[0], (list, tuple)):
         perm = list(perm[0])
-    perm = [_norm_dim(p, lay.ndim) for p in perm]
+    perm = [norm_dim(p, lay.ndim) for p in perm]
     return lay.moved({old: new for new, old in enumerate(perm)}, lay.ndim)
 
 
 @register("transpose", "swapaxes", torch.transpose, torch.swapaxes)
 def _transpose(ctx, node: fx.Node) -> Layout:
     lay = ctx.layout(node.args[0])
-    d0 = _norm_dim(_arg(node, 1, "dim0"), lay.ndim)
-    d1 = _norm_dim(_arg(node, 2, "dim1"), lay.ndim)
+    d0 = norm_dim(arg(node, 1, "dim0"), lay.ndim)
+    d1 = norm_dim(arg(node, 2, "dim1"), lay.ndim)
     mapping = {d: d for d in range(lay.ndim)}
     mapping[d0], mapping[d1] = d1, d0
     return lay.moved(mapping, lay.ndim)
 
 
-@register("expand", fix="shape_args")
+@register("expand", fix=fix_shape_args)
 def _expand(ctx, node: fx.Node) -> Layout:
     src = node.args[0]
     lay, shape, out = ctx.layout(src), ctx.shape(src), ctx.shape(node)
@@ -189,10 +211,10 @@ def _expand(ctx, node: fx.Node) -> Layout:
 
 @register(torch.cat, torch.concat, torch.concatenate)
 def _cat(ctx, node: fx.Node) -> Layout:
-    tensors = list(_arg(node, 0, "tensors"))
+    tensors = list(arg(node, 0, "tensors"))
     out = ctx.shape(node)
     nd = len(out)
-    dim = _norm_dim(_arg(node, 1, "dim", 0), nd)
+    dim = norm_dim(arg(node, 1, "dim", 0), nd)
     pieces, operands = [], []
     for k, t in enumerate(tensors):
         lay, shape = ctx.layout(t), ctx.shape(t)
@@ -216,9 +238,9 @@ def _cat(ctx, node: fx.Node) -> Layout:
 
 @register(torch.stack)
 def _stack(ctx, node: fx.Node) -> Layout:
-    tensors = list(_arg(node, 0, "tensors"))
+    tensors = list(arg(node, 0, "tensors"))
     nd = len(ctx.shape(node))
-    dim = _norm_dim(_arg(node, 1, "dim", 0), nd)
+    dim = norm_dim(arg(node, 1, "dim", 0), nd)
     operands = []
     for t in tensors:
         shape = ctx.shape(t)
@@ -228,11 +250,30 @@ def _stack(ctx, node: fx.Node) -> Layout:
     return to_layout(nd, merge(ctx.coupling, node.name, operands), {d: d for d in range(nd)})
 
 
-@register("split", "chunk", torch.split, torch.chunk, fix="split")
+def _fix_split(rw: Rewrite, node: fx.Node) -> None:
+    """``split``/``chunk`` become ``split`` with explicit sizes once the parts differ in width."""
+    old_meta = node.meta["tensor_meta"]
+    src = node.args[0]
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    nd = len(old_meta[0].shape)
+    d = dim + nd if dim < 0 else dim
+    sizes = [rw.shape(node, i)[d] for i in range(len(old_meta))]
+    if sizes == [int(m.shape[d]) for m in old_meta] and node.target in ("split", torch.split):
+        return
+    node.kwargs = {}
+    if node.op == "call_method":
+        node.target = "split"
+        node.args = (src, sizes, dim)
+    else:
+        node.target = torch.split
+        node.args = (src, sizes, dim)
+
+
+@register("split", "chunk", torch.split, torch.chunk, fix=_fix_split)
 def _split(ctx, node: fx.Node) -> tuple[Layout, ...]:
     src = node.args[0]
     lay, shape = ctx.layout(src), ctx.shape(src)
-    dim = _norm_dim(_arg(node, 2, "dim", 0), len(shape))
+    dim = norm_dim(arg(node, 2, "dim", 0), len(shape))
     sizes = [int(m.shape[dim]) for m in node.meta["tensor_meta"]]
     ax = lay.axis_of(dim)
     if ax is not None and len(ax.dims) > 1:
@@ -309,132 +350,3 @@ def _index_tensor(ctx, node: fx.Node, lay: Layout, index: Any) -> Layout:
         elif not set(ax.dims) & set(empty):
             axes.append(ax.moved(mapping))
     return Layout(len(ctx.shape(node)), tuple(axes))
-
-
-REDUCTIONS = ("mean", "sum", "amax", "amin", "std", "var", "logsumexp", "norm", "prod")
-
-
-@register(*REDUCTIONS, torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp)
-def _reduce(ctx, node: fx.Node) -> Layout:
-    src = node.args[0]
-    lay = ctx.layout(src)
-    nd_in, nd_out = lay.ndim, len(ctx.shape(node))
-    dims = _arg(node, 1, "dim", None)
-    if dims is None:
-        reduced = set(range(nd_in))
-    else:
-        reduced = {_norm_dim(d, nd_in) for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
-    keep = nd_out == nd_in
-    mapping = {
-        d: (d if keep else d - sum(1 for r in reduced if r < d)) for d in range(nd_in) if d not in reduced
-    }
-    name = (
-        node.target if isinstance(node.target, str) else node.target.__name__.split(".")[0]
-    )  # aten: sum.dim_IntList
-    axes = []
-    for ax in lay.axes:
-        if not set(ax.dims) & reduced:
-            axes.append(ax.moved(mapping))
-        elif name == "sum" and set(ax.dims) <= reduced:
-            ctx.coupling.input_mask(node.name, 0, ax.dims, ax.ids)
-        elif (
-            set(ax.dims) <= reduced
-        ):  # a statistic over whole channel axes: shapes survive pruning, values move
-            ctx.coupling.inexact(
-                ax.ids, f"{node.name}: {name} over channels (a statistic, as in LayerNorm / RMSNorm)"
-            )
-        else:
-            ctx.coupling.freeze(ax.ids, f"{node.name}: {name} over part of a channel axis")
-    return Layout(nd_out, tuple(axes))
-
-
-SPATIAL_MODULES = {
-    nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3, nn.AdaptiveMaxPool1d: 1,
-    nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3,
-    nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.Upsample: -2, nn.UpsamplingNearest2d: 2,
-    nn.UpsamplingBilinear2d: 2, nn.ZeroPad2d: 2, nn.ReflectionPad2d: 2, nn.ReplicationPad2d: 2,
-}  # fmt: skip
-SPATIAL_FUNCTIONS = {
-    F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3, F.adaptive_max_pool2d: 2,
-    F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3, F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3,
-    F.interpolate: -2, F.upsample: -2,
-}  # fmt: skip
-
-
-@register(*SPATIAL_MODULES, *SPATIAL_FUNCTIONS, F.pad)
-def _spatial(ctx, node: fx.Node) -> Layout:
-    """Pooling/resizing/padding: the trailing spatial dims are mixed; the channel dims pass."""
-    src = node.args[0]
-    lay = ctx.layout(src)
-    if node.op == "call_module":
-        n = SPATIAL_MODULES[type(ctx.module(node))]
-    elif node.target is F.pad:
-        n = len(_arg(node, 1, "pad")) // 2
-    else:
-        n = SPATIAL_FUNCTIONS[node.target]
-    if n < 0:
-        n = lay.ndim + n
-    if len(ctx.shape(node)) != lay.ndim:
-        raise ValueError("rank changes")
-    return spatial_axes(ctx, node, lay, n)
-
-
-def spatial_axes(ctx, node: fx.Node, lay: Layout, n: int) -> Layout:
-    """The layout with its last ``n`` (spatial) dims mixed: channel axes on them are frozen and dropped."""
-    first = lay.ndim - n
-    axes = []
-    for ax in lay.axes:
-        if any(d >= first for d in ax.dims):
-            ctx.coupling.freeze(ax.ids, f"{node.name}: channels on a pooled/resized dim")
-        else:
-            axes.append(ax)
-    return Layout(lay.ndim, tuple(axes))
-
-
-@register(nn.Softmax, nn.LogSoftmax, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax")
-def _softmax(ctx, node: fx.Node) -> Layout:
-    lay = ctx.layout(node.args[0])
-    dim = ctx.module(node).dim if node.op == "call_module" else _arg(node, 1, "dim")
-    if dim is None:
-        raise ValueError("implicit softmax dim")
-    dim = _norm_dim(dim, lay.ndim)
-    ax = lay.axis_of(dim)
-    if ax is not None:
-        ctx.coupling.freeze(ax.ids, f"{node.name}: softmax normalises across channels")
-        lay = Layout(lay.ndim, tuple(a for a in lay.axes if a is not ax))
-    return lay
-
-
-@register(operator.matmul, torch.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm")
-def _matmul(ctx, node: fx.Node) -> Layout:
-    a, b = node.args[0], node.args[1]
-    sa, sb, out = ctx.shape(a), ctx.shape(b), ctx.shape(node)
-    if len(sa) < 2 or len(sb) < 2:
-        raise ValueError("1-D matmul")
-    nd = len(out)
-    la = {d: nd - 2 - (len(sa) - 2) + d for d in range(len(sa) - 2)}
-    la.update({len(sa) - 2: nd - 2, len(sa) - 1: "K"})
-    lb = {d: nd - 2 - (len(sb) - 2) + d for d in range(len(sb) - 2)}
-    lb.update({len(sb) - 2: "K", len(sb) - 1: nd - 1})
-    lay_a = ctx.layout(a)
-    axes = merge(ctx.coupling, node.name, [Operand(lay_a, sa, la), Operand(ctx.layout(b), sb, lb)], ["K"])
-    k_axis = lay_a.axis_of(len(sa) - 1)
-    if k_axis is not None:
-        ctx.coupling.input_mask(node.name, 0, k_axis.dims, k_axis.ids)
-    return to_layout(nd, axes, {d: d for d in range(nd)})
-
-
-@register(F.scaled_dot_product_attention)
-def _sdpa(ctx, node: fx.Node) -> Layout:
-    q, k, v = node.args[:3]
-    sq, sk, sv, out = ctx.shape(q), ctx.shape(k), ctx.shape(v), ctx.shape(node)
-    nd = len(out)
-    lq = {d: d for d in range(nd - 2)} | {nd - 2: nd - 2, nd - 1: "E"}
-    lk = {d: d for d in range(nd - 2)} | {nd - 2: "S", nd - 1: "E"}
-    lv = {d: d for d in range(nd - 2)} | {nd - 2: "S", nd - 1: nd - 1}
-    lay_q = ctx.layout(q)
-    if (ax := lay_q.axis_of(nd - 1)) is not None and ax.dims == (nd - 1,):
-        raise ValueError("head_dim itself is prunable; it sets the softmax scale")
-    operands = [Operand(lay_q, sq, lq), Operand(ctx.layout(k), sk, lk), Operand(ctx.layout(v), sv, lv)]
-    axes = merge(ctx.coupling, node.name, operands, ["E", "S"])
-    return to_layout(nd, axes, {d: d for d in range(nd)})
