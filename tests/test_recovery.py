@@ -47,6 +47,17 @@ def _noisy_labels(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(x, torch.randint(0, 10, (x.shape[0],), generator=g)) for x in _batches(n, seed=3)]
 
 
+def _damaged_student() -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+    """(teacher, a copy of it with noise on every parameter): a student with something to learn back."""
+    x = torch.randn(1, 3, 12, 12)
+    teacher = idap_fx.trace(_net(), (x,))
+    student = idap_fx.trace(teacher, (x,))
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return teacher, student
+
+
 def test_distillation_that_hurts_held_out_keeps_the_starting_weights() -> None:
     # the issue's failure: distilling the unpruned model on a few batches (here: random labels, high lr)
     # moves it away from the original on unseen data; recovery must hand back the starting weights
@@ -69,12 +80,7 @@ def test_distillation_that_hurts_held_out_keeps_the_starting_weights() -> None:
 
 
 def test_distillation_keeps_its_best_state_and_batchnorm_statistics() -> None:
-    x = torch.randn(1, 3, 12, 12)
-    teacher = idap_fx.trace(_net(), (x,))
-    student = idap_fx.trace(teacher, (x,))
-    with torch.no_grad():
-        for p in student.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+    teacher, student = _damaged_student()
     budget = Budget(teacher, None, _batches(2, seed=1))
     bn = {k: v.clone() for k, v in student.state_dict().items() if "running" in k}
     rec = distill(
@@ -92,12 +98,7 @@ def test_distillation_keeps_its_best_state_and_batchnorm_statistics() -> None:
 def test_recoverability_probes_a_copy_seeded_and_never_above_the_start() -> None:
     """The probe ``auto`` ranks by: the student is untouched, the value is the best held-out loss seen
     (never above the starting one), the same for the same seed, and lower for a damaged model that learns back."""
-    x = torch.randn(1, 3, 12, 12)
-    teacher = idap_fx.trace(_net(), (x,))
-    student = idap_fx.trace(teacher, (x,))
-    with torch.no_grad():
-        for p in student.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+    teacher, student = _damaged_student()
     start = _state(student)
     after = held_out_loss(teacher, _batches(2, seed=1))
     first = after(student)
