@@ -8,6 +8,7 @@ from idap_fx.dependency import ChannelGroup, DependencyGraph, GroupMember
 from idap_fx.errors import (
     AnalysisError,
     BudgetError,
+    DivergedError,
     ExportError,
     IdapError,
     OptionError,
@@ -29,6 +30,7 @@ from idap_fx.visualize import to_dot, visualize
 __all__ = [
     "AnalysisError",
     "BudgetError",
+    "DivergedError",
     "ChannelGroup",
     "DependencyGraph",
     "ExportError",

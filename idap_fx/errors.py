@@ -47,6 +47,10 @@ class BudgetError(IdapError, ValueError):
     """
 
 
+class DivergedError(IdapError):
+    """Training (distillation) reached a non-finite loss."""
+
+
 class ExportError(IdapError):
     """ONNX export or the output file could not be written (missing or read-only directory, ...)."""
 

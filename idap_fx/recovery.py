@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from idap_fx.collective import reducer
 from idap_fx.dependency import DependencyGraph, Plan
 from idap_fx.distill_features import StudentWithAdapters, adapter, feature_nodes, node_shape, tap
-from idap_fx.errors import IdapError
+from idap_fx.errors import DivergedError, IdapError
 from idap_fx.stats import Site, batch_args
 
 
@@ -255,6 +255,8 @@ def distill(
     nodes_s = {n.name: n for n in student.graph.nodes}
     nodes_t = {n.name: n for n in teacher.graph.nodes}
     adapters = nn.ModuleList(adapter(node_shape(nodes_s[n]), node_shape(nodes_t[n])) for n in names)
+    if (first := next(student.parameters(), None)) is not None:  # a float16 student: float16 adapters
+        adapters.to(device=first.device, dtype=first.dtype)
     tapped_s, tapped_t = tap(student, names), tap(teacher, names)
     n_inputs = sum(1 for n in student.graph.nodes if n.op == "placeholder")
     train_module: nn.Module = StudentWithAdapters(tapped_s, adapters)
@@ -316,7 +318,12 @@ def recoverability(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         batches = itertools.islice(itertools.cycle(train), steps)
-        record = distill(probe, teacher, batches, steps=steps, lr=lr, measure=measure, data_parallel=False)
+        try:
+            record = distill(
+                probe, teacher, batches, steps=steps, lr=lr, measure=measure, data_parallel=False
+            )
+        except DivergedError:  # e.g. float16 training at the probe's lr: the candidate keeps its start
+            return measure(student)
     return math.inf if record.after is None else record.after
 
 
@@ -376,7 +383,9 @@ def _distill_loss(
     if feature_weight:
         loss = task + feature_weight * sum(F.l1_loss(a, b) for a, b in zip(feats_s, feats_t, strict=True))
     if not torch.isfinite(loss):
-        raise IdapError(f"distillation diverged (loss {loss.item()}); lower lr or check the training data")
+        raise DivergedError(
+            f"distillation diverged (loss {loss.item()}); lower lr or check the training data"
+        )
     return loss
 
 
