@@ -312,7 +312,7 @@ def allocate(
             rel = max(per[g.id] / mean_cost, 1e-12) if mean_cost > 0 else 1.0
             keys[g.id] = _chunk_keys(np.asarray(norm[g.id], float) / rel, orders[g.id], bounds[g.id])
         return Allocation(orders, bounds, keys)
-    from idap_fx.surgery import mask
+    from idap_fx.surgery import masked_call
 
     reference = reference_outputs(gm, batches)
     keys = {}
@@ -322,7 +322,9 @@ def allocate(
             keys[g.id] = []
             continue
         probes = sorted({ends[min(len(ends) - 1, round(q * (len(ends) - 1)))] for q in (0.0, 0.5, 1.0)})
-        dev = [0.0] + [deviation(reference, mask(gm, {g.id: orders[g.id][:k]}, dg), batches) for k in probes]
+        dev = [0.0] + [
+            deviation(reference, masked_call(gm, {g.id: orders[g.id][:k]}, dg), batches) for k in probes
+        ]
         curve = np.interp(ends, [0, *probes], dev)
         keys[g.id] = _hull_slopes(np.asarray(ends, float) * max(per[g.id], 1e-12), curve)
     return Allocation(orders, bounds, keys)

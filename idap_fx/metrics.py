@@ -1,4 +1,5 @@
-"""Measured model cost: multiply-accumulates (torch's own FLOP counter) and parameter counts.
+"""Measured model cost: multiply-accumulates (torch's own FLOP counter), parameter counts, and a
+bit-exact fingerprint (two runs that built the same model are measured once).
 
 MACs are counted by ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2, the
 convention of the IDAP++ tables) on one forward over the example inputs. The forward
@@ -8,6 +9,7 @@ ResNet-50 costs milliseconds) and falls back to a real CPU forward when it does 
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -44,3 +46,14 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
 def count_params(model: nn.Module) -> int:
     """Number of parameter elements (tied parameters counted once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def fingerprint(model: nn.Module) -> str:
+    """sha256 over the forward's code and the state dict's names, dtypes, shapes and bytes."""
+    h = hashlib.sha256(str(getattr(model, "code", type(model).__qualname__)).encode())
+    for name, t in model.state_dict().items():
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        flat = t.detach().cpu().contiguous().reshape(-1)
+        if flat.numel():
+            h.update(flat.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

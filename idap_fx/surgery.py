@@ -6,17 +6,20 @@ width (``out_channels``, ``num_features``, ``normalized_shape`` ...), and rewrit
 literal sizes baked into graph arguments (``view``/``reshape`` shapes, split sizes),
 so nothing goes stale; those fixers are declared with each op's rule in ``idap_fx.ops``
 and only run here, on a ``_Rewrite`` (the ``ops.registry.Rewrite`` protocol). ``mask`` keeps every shape and zeroes the consumer side of each
-removed channel; it is the oracle ``prune`` is tested against.
+removed channel; it is the oracle ``prune`` is tested against. ``masked_call`` is the same
+oracle without the copy, for the allocator that measures many masks.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from torch import fx, nn
+from torch.func import functional_call
 
 from idap_fx.analysis import analyze
 from idap_fx.dependency import DependencyGraph, Plan
@@ -154,20 +157,42 @@ def prune(gm: fx.GraphModule, plan: Plan, dg: DependencyGraph | None = None) -> 
     return new
 
 
+def zeroed_tensors(gm: fx.GraphModule, plan: Plan, dg: DependencyGraph) -> dict[str, torch.Tensor]:
+    """Copies of the consumer tensors of ``plan``'s channels with those channels zeroed, by name."""
+    removed = dg.removed_elements(plan)
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for m in dg.members:
+            cut = np.nonzero(removed[m.ids])[0] if m.role == "in" else ()
+            if len(cut):
+                if m.param not in out:
+                    owner, attr = _split_name(m.param)
+                    out[m.param] = getattr(gm.get_submodule(owner), attr).detach().clone()
+                tensor = out[m.param]
+                tensor.index_fill_(m.dim, torch.as_tensor(cut, device=tensor.device), 0.0)
+    return out
+
+
+def masked_call(gm: fx.GraphModule, plan: Plan, dg: DependencyGraph) -> Callable[..., Any]:
+    """``mask(gm, plan, dg)`` as a function of the inputs, without copying ``gm`` where the plan
+    needs no input masks (the zeroed tensors are passed to ``functional_call``): what the
+    ``sensitivity`` allocator evaluates a few hundred times per step."""
+    removed = dg.removed_elements(plan)
+    if any(not (~removed[im.ids]).all() for im in dg.input_masks):
+        return mask(gm, plan, dg)
+    zeroed = zeroed_tensors(gm, plan, dg)
+    return lambda *args: functional_call(gm, zeroed, args)
+
+
 def mask(gm: fx.GraphModule, plan: Plan, dg: DependencyGraph | None = None) -> fx.GraphModule:
     """A new GraphModule of unchanged shapes where every consumer of a planned channel sees zero."""
     dg = dg if dg is not None else analyze(gm)
     removed = dg.removed_elements(plan)
     new = copy.deepcopy(gm)
     with torch.no_grad():
-        for m in dg.members:
-            if m.role != "in":
-                continue
-            cut = np.nonzero(removed[m.ids])[0]
-            if cut.size:
-                owner, attr = _split_name(m.param)
-                tensor = getattr(new.get_submodule(owner), attr)
-                tensor.index_fill_(m.dim, torch.as_tensor(cut, device=tensor.device), 0.0)
+        for name, tensor in zeroed_tensors(gm, plan, dg).items():
+            owner, attr = _split_name(name)
+            getattr(new.get_submodule(owner), attr).copy_(tensor)
     nodes = {n.name: n for n in new.graph.nodes}
     for k, im in enumerate(dg.input_masks):
         keep = ~removed[im.ids]

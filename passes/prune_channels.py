@@ -35,7 +35,7 @@ from idap_fx.budget import deviation, reference_outputs
 from idap_fx.collective import global_slice, reducer
 from idap_fx.dependency import ChannelGroup, DependencyGraph, Plan
 from idap_fx.errors import OptionError
-from idap_fx.metrics import count_macs, count_params
+from idap_fx.metrics import count_macs, count_params, fingerprint
 from idap_fx.options import PruneOptions
 from idap_fx.recovery import PROBE_STEPS, compensate, held_out_loss, recoverability
 from idap_fx.schedule import Schedule, get_schedule
@@ -276,16 +276,20 @@ class PruneChannels(IdapPass):
             light = dataclasses.replace(ctx.recovery, fine_tune=None, train_loader=None)
             self.ctx = dataclasses.replace(ctx, recovery=light)
         shared, best, tried = self.record, None, []
+        measured: dict[str, tuple[str, float, float, int, int]] = {}  # fingerprint -> first run's figures
         for name in AUTO_CANDIDATES:
             self.allocator, self.widths = name, None
             self.record = PassRecord(shared.name, timings=shared.timings, importance=shared.importance)
             start = len(recorder.items) if recorder is not None else 0
             result = self._run(graph_module)
             with self.timed("auto"):
-                dev = one_shot(result.graph_module)
-                learnt = probe(result.graph_module) if probe is not None else dev
-                macs = count_macs(result.graph_module, self.ctx.example_inputs)
-                params = count_params(result.graph_module)
+                same = measured.get(model_id := fingerprint(result.graph_module))
+                if same is None:  # a run that built the same model as an earlier one is not measured again
+                    dev = one_shot(result.graph_module)
+                    learnt = probe(result.graph_module) if probe is not None else dev
+                    macs = count_macs(result.graph_module, self.ctx.example_inputs)
+                    same = measured[model_id] = (name, dev, learnt, macs, count_params(result.graph_module))
+                first, dev, learnt, macs, params = same
             reached = self._reached(macs, params)
             key = (not reached, 0 if reached else macs, learnt, dev)
             kept: tuple[list, list] = ([], [])
@@ -293,6 +297,7 @@ class PruneChannels(IdapPass):
                 kept = (recorder.items[start:], recorder.metrics[start:])
                 del recorder.items[start:], recorder.metrics[start:]
             shown = f"{dev:.4g} → {learnt:.4g}" if probe is not None else f"{dev:.4g}"
+            shown += f", the same model as {first}" if first != name else ""
             tried.append(f"{name} {shown} (MACs {macs / max(self.ctx.macs0, 1):.3f})")
             if best is None or key < best[0]:
                 best = (key, name, result, self.record, kept)

@@ -6,7 +6,7 @@ view -> linear heads, ops without a rule as a wrapped function or an opaque leaf
 to at most three blocks of 2-6 channels on 8x8 inputs so that an example costs
 milliseconds. Example counts are set per test (not by the profile): 1,000 architectures
 through the prune == mask oracle and 300 more through random ``optimize`` runs (stage 1,
-stage 2 or both), which
+stage 2 or both; every allocator, ``auto`` most often), which
 may raise only documented ``IdapError`` subclasses and must keep their promises (budget,
 target, shapes, finite weights, caller's model untouched) when they succeed. About 2 %
 of the examples of each also go through ONNX export and onnxruntime parity. Measured
@@ -28,8 +28,10 @@ from test_random_arch import Net, _Opaque, _randomize_batchnorm, block_spec
 from torch import fx
 
 import idap_fx
+from idap_fx.allocate import ALLOCATORS
 from idap_fx.onnx_export import export_onnx
 from idap_fx.schedule import IdapSchedule
+from idap_fx.surgery import masked_call
 
 tiny_arch = st.fixed_dictionaries(
     {
@@ -71,11 +73,13 @@ def test_generated_architectures_prune_matches_mask(spec: dict, ratio: float, se
     pruned, masked = idap_fx.prune(gm, plan, dg), idap_fx.mask(gm, plan, dg)
     with torch.no_grad():
         y, y_pruned, y_masked = gm(x), pruned(x), masked(x)
+        y_call = masked_call(gm, plan, dg)(x)  # the copy-free mask the sensitivity allocator uses
     assert out_shapes(y_pruned) == out_shapes(y)
     assert rel_err(y_pruned, y_masked) <= 1e-5
+    assert rel_err(y_call, y_masked) == 0.0
     if plan:
         assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in gm.parameters())
-    assert state_hash(gm) == before  # prune and mask work on copies
+    assert state_hash(gm) == before  # prune, mask and masked_call work on copies
     if _sampled(spec, seed):  # export the pruned model: onnxruntime must agree with torch
         event("ONNX parity checked")
         report = export_onnx(pruned, x, tmp_path_factory.mktemp("onnx") / "pruned.onnx", slim=False)
@@ -102,6 +106,7 @@ stage1_options = st.tuples(
             ),
             "max_skips": st.integers(1, 3),
             "importance": st.sampled_from(["divergence", "l1", "bn_scale", "random"]),
+            "allocator": st.sampled_from(["auto", *ALLOCATORS]),  # the default (auto) twice as often
             "schedule": schedules,
             "min_channels": st.integers(1, 2),
             "round_to": st.sampled_from([1, 2]),
