@@ -158,19 +158,19 @@ def prune(gm: fx.GraphModule, plan: Plan, dg: DependencyGraph | None = None) -> 
 
 
 def zeroed_tensors(gm: fx.GraphModule, plan: Plan, dg: DependencyGraph) -> dict[str, torch.Tensor]:
-    """Copies of the consumer tensors of ``plan``'s channels with those channels zeroed, by name."""
+    """Copies of the consumer tensors of ``plan``'s channels with those channels zeroed, one entry
+    (under its first name) per tensor: tied names share it, as ``functional_call`` expects."""
     removed = dg.removed_elements(plan)
-    out: dict[str, torch.Tensor] = {}
+    copies: dict[int, tuple[str, torch.Tensor]] = {}  # id of gm's tensor -> (first name, zeroed copy)
     with torch.no_grad():
         for m in dg.members:
             cut = np.nonzero(removed[m.ids])[0] if m.role == "in" else ()
             if len(cut):
-                if m.param not in out:
-                    owner, attr = _split_name(m.param)
-                    out[m.param] = getattr(gm.get_submodule(owner), attr).detach().clone()
-                tensor = out[m.param]
+                owner, attr = _split_name(m.param)
+                original = getattr(gm.get_submodule(owner), attr)
+                _, tensor = copies.setdefault(id(original), (m.param, original.detach().clone()))
                 tensor.index_fill_(m.dim, torch.as_tensor(cut, device=tensor.device), 0.0)
-    return out
+    return dict(copies.values())
 
 
 def masked_call(gm: fx.GraphModule, plan: Plan, dg: DependencyGraph) -> Callable[..., Any]:

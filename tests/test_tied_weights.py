@@ -10,6 +10,7 @@ from torch import nn
 
 import idap_fx
 import idap_fx.onnx_export
+from idap_fx.surgery import masked_call
 
 # --- shared (tied) weights ------------------------------------------------------------------------
 
@@ -76,6 +77,7 @@ def test_tied_weights_are_one_group_and_prune_matches_mask(case):
     pruned, masked = idap_fx.prune(gm, plan, dg), idap_fx.mask(gm, plan, dg)
     with torch.no_grad():
         assert rel_err(pruned(x), masked(x)) <= 1e-5
+        assert rel_err(masked_call(gm, plan, dg)(x), masked(x)) == 0.0  # tied names zeroed once, together
     res = idap_fx.optimize(model, x, target_params=0.8, budget=None, quiet=True, strict=False)
     assert res.report.params_after < res.report.params_before
     guard.intact()
