@@ -40,6 +40,8 @@ def test_int8_export_reports_cost_size_and_latency(tmp_path: Path) -> None:
     assert q.calibration_batches == 6 and q.holdout_batches == 2
     assert 0 < q.deviation < 0.05 and q.top1_agreement is not None and q.fp32_ms > 0 and q.int8_ms > 0
     assert "QuantizeLinear" in _ops(tmp_path / "m.onnx").values()
+    # where int8 is not faster (x86 without VNNI: this CI machine) the report says so, and only then
+    assert any("no faster than fp32" in n for n in q.notes) == (q.int8_cpu_ms >= q.fp32_cpu_ms)
 
 
 def test_no_calibration_warns(tmp_path: Path) -> None:
