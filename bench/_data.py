@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from idap_fx.method.recovery import train_with_frozen_batchnorm
+from idap_fx.method.scoring import ScoringContext, get_importance
 from idap_fx.metrics import count_macs
-from idap_fx.recovery import train_with_frozen_batchnorm
-from idap_fx.scoring import ScoringContext, get_importance
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -168,7 +168,7 @@ def fine_tune(
     """``steps`` AdamW steps on cross-entropy (when labels come) + KL to ``teacher``; BN statistics frozen.
 
     The same optimiser, learning rate, weight decay, task loss and frozen BatchNorm as
-    idap_fx's built-in distillation (``idap_fx.recovery.distill``), without its
+    idap_fx's built-in distillation (``idap_fx.method.recovery.distill``), without its
     intermediate-feature term, so every method gets the same recovery budget.
     """
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)

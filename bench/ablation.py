@@ -9,7 +9,7 @@ measures what stage 2 removes and stage 1 is aimed that much higher, so all thre
 about the same MACs (the table shows the MACs reached).
 
 Every result is measured one-shot and after the same short recovery: ``--steps`` steps of
-idap_fx's distillation from the unpruned model (``idap_fx.recovery.distill``, lr 1e-4,
+idap_fx's distillation from the unpruned model (``idap_fx.method.recovery.distill``, lr 1e-4,
 keeping the best state on the held-out calibration batches), the same data for every
 configuration.
 
@@ -56,8 +56,8 @@ from quality import TRAIN, DigitsNet, train_model
 from torch import nn
 
 import idap_fx
-from idap_fx.budget import Budget
-from idap_fx.recovery import distill
+from idap_fx.method.budget import Budget
+from idap_fx.method.recovery import distill
 
 VERDICT = (
     "Decision (docs/architecture.md): stage 1 alone stays the default; stage 1 → 2 wins in no cell, and on the "

@@ -32,7 +32,7 @@ import torchvision
 from _data import RESULTS, augmented_views, imagenet_mobilenet_v2, photos, single_thread
 
 import idap_fx
-from idap_fx.onnx_export import onnx_feed
+from idap_fx.deploy.onnx_export import onnx_feed
 
 VARIANTS = ("fp32 original", "fp32 pruned", "int8 original", "int8 pruned")
 INT8_BUDGET = 0.05  # int8's own output-deviation budget (layers that break it stay fp32), as the CLI uses

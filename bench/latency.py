@@ -13,14 +13,14 @@ For each model (torchvision, ``weights=None``, eval, one 1x3x224x224 input):
    * ``--method optimize``: ``idap_fx.optimize(model, x, target_macs=0.5, budget=None,
      round_to=8)`` (divergence scoring on random calibration batches; slower);
 
-2. export both models with ``idap_fx.onnx_export.export_onnx`` (BN folded, parity-checked, static batch)
-   and time them with ``idap_fx.latency.check_latency``: ONNX Runtime CPU, 1 intra-op thread,
+2. export both models with ``idap_fx.deploy.onnx_export.export_onnx`` (BN folded, parity-checked, static batch)
+   and time them with ``idap_fx.deploy.latency.check_latency``: ONNX Runtime CPU, 1 intra-op thread,
    warm-up, interleaved in alternating order, one run of the script for all figures;
 
 3. print the MACs ratio, the latencies, the speed-up and speed-up ÷ MAC-reduction
    (target >= 0.9; the IDAP++ paper's own figures correspond to about 0.67), both in wall
    clock and in CPU time (wall clock is unreliable on a busy shared machine, see
-   ``idap_fx/latency.py``), and a diagnosis of each ONNX graph after onnxruntime's own
+   ``idap_fx/deploy/latency.py``), and a diagnosis of each ONNX graph after onnxruntime's own
    optimisations: how many convolutions run in the NCHWc layout, BatchNorms left,
    shape-plumbing nodes (Reshape/Slice/Gather/Shape/...), and pruned widths that are not
    multiples of 8.
@@ -48,10 +48,10 @@ import torchvision
 from torch import fx, nn
 
 import idap_fx
-from idap_fx.dependency import ChannelGroup, DependencyGraph
-from idap_fx.latency import LatencyReport, check_latency
+from idap_fx.deploy.latency import LatencyReport, check_latency
+from idap_fx.deploy.onnx_export import export_onnx
+from idap_fx.graph.dependency import ChannelGroup, DependencyGraph
 from idap_fx.metrics import count_macs
-from idap_fx.onnx_export import export_onnx
 
 MODELS = ["resnet50", "mobilenet_v2", "vit_b_16"]
 TARGET_MACS = 0.5

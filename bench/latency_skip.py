@@ -4,7 +4,7 @@ The three blocks are the ones ``skip_layers`` removes first: the lowest layer di
 E‖F(x)‖/(‖x‖+ε) on random calibration images, budget off (weights=None, so which blocks
 carry the least flow says nothing about a trained network; the point is what removing
 three blocks' nodes buys in the runtime). Both models are exported by ``export_onnx``
-(parity-checked) and timed by ``idap_fx.latency.check_latency``: one run, interleaved,
+(parity-checked) and timed by ``idap_fx.deploy.latency.check_latency``: one run, interleaved,
 one thread, median.
 
     .venv/bin/python bench/latency_skip.py [--size 224] [--repeats 50]
@@ -20,8 +20,8 @@ from idap_fx.passes.base import PassContext
 from idap_fx.passes.skip_layers import SkipLayers
 
 import idap_fx
-from idap_fx.budget import Budget
-from idap_fx.latency import check_latency
+from idap_fx.deploy.latency import check_latency
+from idap_fx.method.budget import Budget
 from idap_fx.metrics import count_macs
 from idap_fx.options import SkipOptions
 

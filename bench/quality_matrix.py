@@ -49,9 +49,9 @@ from render_matrix import render
 from torch import nn
 
 import idap_fx
+from idap_fx.method.recovery import train_with_frozen_batchnorm
 from idap_fx.metrics import count_macs
 from idap_fx.options import PruneOptions
-from idap_fx.recovery import train_with_frozen_batchnorm
 
 MODELS = ("digits", "mobile-digits", "mobilenet_v2", "minilm")
 ALLOCATORS = ("global", "group", "cost", "sensitivity")

@@ -16,7 +16,7 @@ files through ``bench/_results.py``.
     .venv/bin/python bench/render_docs.py           # rewrite the docs in place
     .venv/bin/python bench/render_docs.py --check   # exit 1 and list every docs table that drifted
 
-``tests/test_docs_results.py`` runs the check (re-rendered in memory), so a results file and
+``tests/docs/test_docs_results.py`` runs the check (re-rendered in memory), so a results file and
 a docs table that disagree fail the default test suite.
 """
 

@@ -1,4 +1,4 @@
-"""Scoring overhead: ``idap_fx.scoring.score`` vs a plain forward over the same calibration batches.
+"""Scoring overhead: ``idap_fx.method.scoring.score`` vs a plain forward over the same calibration batches.
 
 For ResNet-50, MobileNetV2 and ViT-B/16 (torchvision, ``weights=None``: timing does not
 depend on the weights) at 224×224, batch 8: the median over ``--repeats`` interleaved
@@ -28,7 +28,7 @@ from _data import single_thread
 from _results import save, table
 
 import idap_fx
-from idap_fx.scoring import score
+from idap_fx.method.scoring import score
 
 MODELS = ("resnet50", "mobilenet_v2", "vit_b_16")
 

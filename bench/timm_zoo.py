@@ -183,7 +183,7 @@ def markdown(results: dict[str, dict], timeout: int) -> str:
         "group removes at least 20 % of the parameters. Columns: *exact/prunable* groups; *oracle* relative",
         "error; parameters removed by the exact plan and by the plan over all prunable groups (LayerNorm'd",
         "residual streams are inexact); *frozen by*: the ops without a rule and the most common reason the",
-        "largest frozen groups give. `tests/test_timm_zoo.py -m slow` runs the same check.",
+        "largest frozen groups give. `tests/graph/test_timm_zoo.py -m slow` runs the same check.",
         "",
         "| family | model | result | exact/prunable | oracle | removed (exact) | removed (all) | frozen by / error |",
         "|---|---|---|---|---|---|---|---|",

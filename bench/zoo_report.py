@@ -1,7 +1,7 @@
 """Per-model report of the dependency analysis on the torchvision zoo: writes ``docs/zoo.md``.
 
 For every classification model in ``torchvision.models`` (built and fed exactly as in
-``tests/test_zoo.py``): the groups found, how many are prunable, inexact (LayerNorm'd)
+``tests/graph/test_zoo.py``): the groups found, how many are prunable, inexact (LayerNorm'd)
 and frozen, why the frozen ones are frozen (summarised by cause), the time of
 ``analyze`` and of ``prune`` with a random 30 % of every prunable group, and the
 parameter count before and after that plan.
@@ -99,7 +99,7 @@ def render(rows: list[dict], threads: int, load: float) -> str:
         f"model of `torchvision.models` ({len(ALL_MODELS)}), `weights=None`, batch 2, {threads} torch thread(s) on",
         f"the shared 2-core development machine (load average {load:.1f} at the start: times are indicative).",
         "Inputs are 64x64 except",
-        f"{', '.join(f'{m} {s}x{s}' for m, s in sorted(INPUT_SIZE.items()))}. `tests/test_zoo.py` runs the",
+        f"{', '.join(f'{m} {s}x{s}' for m, s in sorted(INPUT_SIZE.items()))}. `tests/graph/test_zoo.py` runs the",
         f"same models: by default the {len(DEFAULT_MODELS)} marked **bold** (the smallest of each family), all of",
         "them with `-m slow`; each asserts output shape, prune == mask on exact groups and the parameter",
         "shapes the plan implies.",

@@ -26,8 +26,8 @@ from idap_fx.cli_inputs import (
     load_model,
     synthetic_input,
 )
+from idap_fx.deploy.files import check_writable
 from idap_fx.errors import AnalysisError, BudgetError, ExportError, IdapError, TraceError
-from idap_fx.files import check_writable
 from idap_fx.options import ALLOCATOR, MIN_KEEP, ROUND_TO, Goal, PruneOptions
 
 __all__ = ["UsageError", "load_calibration", "load_model", "main"]
@@ -111,9 +111,9 @@ def _choices(allowed: Sequence[str]) -> Callable[[str], list[str]]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from idap_fx.allocate import ALLOCATORS
+    from idap_fx.method.allocate import ALLOCATORS
+    from idap_fx.method.scoring import CRITERIA
     from idap_fx.passes import PASSES
-    from idap_fx.scoring import CRITERIA
 
     p = argparse.ArgumentParser(
         prog="idap-fx", description="Structured pruning of PyTorch models (IDAP++ on torch.fx)."
@@ -201,8 +201,8 @@ def _warn(message: str) -> None:
 def _optimize(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from idap_fx.method.schedule import get_schedule
     from idap_fx.pipeline import plan_table, run_job, summary_table
-    from idap_fx.schedule import get_schedule
 
     plan_only = args.command == "plan"
     out = None if plan_only else args.out
@@ -304,8 +304,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _viz(args: argparse.Namespace) -> int:
     import idap_fx
-    from idap_fx.plan_page import visualize_plan
-    from idap_fx.visualize import visualize
+    from idap_fx.deploy.plan_page import visualize_plan
+    from idap_fx.deploy.visualize import visualize
 
     if args.plan:
         path = visualize_plan(args.plan, args.out)

@@ -29,12 +29,12 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from idap_fx.allocate import OriginalWidths
-from idap_fx.analysis import analyze
+from idap_fx.capture.shapes import record_shapes
+from idap_fx.capture.trace import trace
 from idap_fx.errors import BudgetError, IdapError
-from idap_fx.shapes import record_shapes
-from idap_fx.surgery import prune
-from idap_fx.trace import trace
+from idap_fx.graph.analysis import analyze
+from idap_fx.method.allocate import OriginalWidths
+from idap_fx.rewrite.surgery import prune
 
 __all__ = ["CurvePoint", "Snapshot", "Snapshots", "measure_curve", "ship_fastest", "write_curve"]
 
@@ -47,7 +47,7 @@ class Snapshot:
     step: int
     plan: dict[str, list[int]] | None = None
     params: dict[str, torch.Tensor] = field(default_factory=dict)
-    candidate: Any = None  # idap_fx.skip_candidates.Candidate
+    candidate: Any = None  # idap_fx.rewrite.skip_candidates.Candidate
     fit: torch.Tensor | None = None  # a stage-2 projection's fitted weights
 
 
@@ -120,7 +120,7 @@ class Snapshots:
                     owner, _, attr = name.rpartition(".")
                     setattr(current.get_submodule(owner), attr, nn.Parameter(value.clone()))
             else:
-                from idap_fx.skip_candidates import remove
+                from idap_fx.rewrite.skip_candidates import remove
 
                 if not shaped:
                     record_shapes(current, self.inputs)
@@ -168,7 +168,7 @@ class Snapshots:
 
 
 def _time(original_path: str, path: str, inputs: tuple[Any, ...]) -> tuple[float, float]:
-    from idap_fx.latency import check_latency
+    from idap_fx.deploy.latency import check_latency
 
     rep = check_latency(original_path, path, inputs, threads=1, repeats=30, warmup=5)
     return rep.original_median_ms, rep.optimized_median_ms
@@ -176,8 +176,9 @@ def _time(original_path: str, path: str, inputs: tuple[Any, ...]) -> tuple[float
 
 def measure_curve(result: Any, *, latency: bool = True, int8: bool = False) -> list[CurvePoint]:
     """Every point of ``result``'s run: MACs, params, quality; ORT latency (fp32 / int8) when asked."""
-    from idap_fx.onnx_export import export_onnx
-    from idap_fx.quantize import OrtModule, quantize_onnx
+    from idap_fx.deploy.int8_layers import OrtModule
+    from idap_fx.deploy.onnx_export import export_onnx
+    from idap_fx.deploy.quantize import quantize_onnx
 
     snaps: Snapshots = result.snapshots
     if snaps is None:
@@ -227,7 +228,7 @@ def write_curve(points: list[CurvePoint], directory: str | os.PathLike[str], kin
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from idap_fx.files import atomic_output
+    from idap_fx.deploy.files import atomic_output
 
     csv_path = os.path.join(os.fspath(directory), "curve.csv")
     png_path = os.path.join(os.fspath(directory), "curve.png")

@@ -31,9 +31,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from idap_fx.collective import device, initialised, reducer
+from idap_fx.deploy.files import atomic_output
 from idap_fx.errors import IdapError
-from idap_fx.files import atomic_output
+from idap_fx.method.collective import device, initialised, reducer
 
 _PREFIX = "idap_fx/fail_fast"
 

@@ -22,16 +22,16 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from idap_fx.budget import Budget
-from idap_fx.collective import reducer
+from idap_fx.capture.trace import trace
 from idap_fx.errors import BudgetError, IdapError, OptionError
+from idap_fx.method.budget import Budget
+from idap_fx.method.channel_stats import batch_args
+from idap_fx.method.collective import reducer
 from idap_fx.metrics import count_macs, count_params
 from idap_fx.options import Goal, PassOptions, Recovery, build, split_shorthands
 from idap_fx.passes import PASSES
 from idap_fx.passes.base import PassContext, PassRecord, run_passes
 from idap_fx.report import LayerChange, OptimizeReport, layer_changes
-from idap_fx.stats import batch_args
-from idap_fx.trace import trace
 
 
 @dataclass
@@ -55,7 +55,7 @@ class OptimizeResult:
     def export_onnx(self, path: str | os.PathLike[str], **kwargs: Any) -> Any:
         """Export the optimized model (see ``idap_fx.export_onnx``); ``quantize="int8"`` calibrates on
         the run's own calibration batches unless ``calibration=`` is given."""
-        from idap_fx.onnx_export import export_onnx
+        from idap_fx.deploy.onnx_export import export_onnx
 
         if kwargs.get("quantize") is not None:
             kwargs.setdefault("calibration", self.calibration or None)
@@ -78,7 +78,7 @@ class OptimizeResult:
 
     def check_latency(self, **kwargs: Any) -> Any:
         """ONNX Runtime latency, original vs optimized, in one run (see ``idap_fx.check_latency``)."""
-        from idap_fx.latency import check_latency
+        from idap_fx.deploy.latency import check_latency
 
         kwargs.setdefault("macs", (self.report.macs_before, self.report.macs_after))
         return check_latency(self.original, self.model, self.example_inputs, **kwargs)
@@ -328,7 +328,7 @@ def _latency_stop(
     original: fx.GraphModule, inputs: tuple[Any, ...], target_ms: float
 ) -> Callable[[Any], str | None]:
     def check(model: fx.GraphModule) -> str | None:
-        from idap_fx.latency import check_latency
+        from idap_fx.deploy.latency import check_latency
 
         rep = check_latency(original, model, inputs, repeats=20, warmup=3)
         if rep.optimized_median_ms <= target_ms:

@@ -32,7 +32,7 @@ says so, ``strict`` raises otherwise): stage 1 bisects its last step on the unit
 within 1 % whenever one unit is finer than that."""
 
 ALLOCATOR = "auto"
-"""Stage 1's default allocator (``idap_fx.allocate``), chosen by measurement: docs/architecture.md, "Allocation"."""
+"""Stage 1's default allocator (``idap_fx.method.allocate``), chosen by measurement: docs/architecture.md, "Allocation"."""
 MIN_KEEP = 0.25
 """Default floor: every group keeps at least this fraction of its original width (never starved)."""
 ROUND_TO = 8
@@ -117,7 +117,7 @@ class Goal(Options):
     Targets are fractions of the original to keep (``target_macs=0.5``: half the MACs);
     ``target_latency`` is in ms of ONNX Runtime CPU latency. ``budget`` bounds the label-free
     output deviation on held-out calibration batches, pooled over them (``budget_reduce=
-    "pooled"``) or per sample (``"max"``, see ``idap_fx.budget``), or with ``evaluate(model) ->
+    "pooled"``) or per sample (``"max"``, see ``idap_fx.method.budget``), or with ``evaluate(model) ->
     float`` the absolute drop of that metric; None switches it off. With ``strict`` an
     unreached target raises ``BudgetError``.
     """
@@ -218,7 +218,7 @@ class PruneOptions(PassOptions):
     units; ``max_prune_ratio`` caps what a group loses (a float, or module path / type name →
     ratio: a group takes the tightest cap of its modules). ``allocator`` (``auto``: the best of
     ``group``, ``cost`` and ``sensitivity`` after a short distillation probe; or one of those, or
-    ``global``) decides which units go (``idap_fx.allocate``). A step that breaks
+    ``global``) decides which units go (``idap_fx.method.allocate``). A step that breaks
     the budget is retried at half size ``backtracks`` times. ``ignored_layers`` (module paths,
     their prefixes, module types or type names) keep every group their parameters belong to.
     """
@@ -237,14 +237,14 @@ class PruneOptions(PassOptions):
     ignored_layers: tuple[Any, ...] = ()
 
     def validate(self) -> None:
-        from idap_fx.schedule import get_schedule
-        from idap_fx.scoring import get_importance
+        from idap_fx.method.schedule import get_schedule
+        from idap_fx.method.scoring import get_importance
 
         get_importance(self.importance)  # unknown names raise here, before any work
         get_schedule(self.schedule)
         _int_at_least("min_channels", self.min_channels, 1)
         _int_at_least("round_to", self.round_to, 1)
-        from idap_fx.allocate import ALLOCATORS, Floors
+        from idap_fx.method.allocate import ALLOCATORS, Floors
 
         if self.allocator not in ALLOCATORS:
             raise OptionError(f"allocator must be one of {list(ALLOCATORS)}, got {self.allocator!r}")

@@ -19,12 +19,12 @@ import torch
 from torch import nn
 
 from idap_fx.curve import ship_fastest, write_curve
+from idap_fx.deploy.files import check_writable
+from idap_fx.deploy.latency import check_latency
+from idap_fx.deploy.onnx_export import export_onnx
+from idap_fx.deploy.quantize import export_job_int8
 from idap_fx.distributed import main_output
-from idap_fx.files import check_writable
-from idap_fx.latency import check_latency
-from idap_fx.onnx_export import export_onnx
 from idap_fx.optimize import OptimizeResult, optimize
-from idap_fx.quantize import export_job_int8
 
 
 @dataclass
@@ -41,7 +41,7 @@ class JobSummary:
     threads: int
     target_reached: bool | None = None
     plan_only: bool = False
-    int8: dict[str, Any] | None = None  # idap_fx.quantize.QuantReport of the shipped int8 model
+    int8: dict[str, Any] | None = None  # idap_fx.deploy.quantize.QuantReport of the shipped int8 model
     sweep_point: int | None = None  # with --sweep: the curve point shipped
 
 
@@ -58,6 +58,23 @@ def top1_agreement(
             agree += int((a.argmax(1) == o.argmax(1)).sum())
             total += a.shape[0]
     return agree / total if total else None
+
+
+def _write_reports(
+    report: str | os.PathLike[str], res: OptimizeResult, summary: JobSummary, lat: Any, quant: Any
+) -> None:
+    """The job's JSON report and its Markdown twin (``.md`` next to it), written by rank 0 only."""
+    data = res.report.to_dict() | {"job": summary.__dict__, "latency": lat.to_dict() if lat else None}
+    with main_output(report) as tmp_report:
+        if tmp_report is not None:  # rank 0 (or no torch.distributed) writes; the others wait
+            with open(tmp_report, "w") as f:
+                json.dump(data, f, indent=2, default=str)
+    md = os.path.splitext(os.fspath(report))[0] + ".md"
+    with main_output(md) as tmp_md:
+        if tmp_md is not None:
+            with open(tmp_md, "w") as f:
+                f.write(res.report.to_markdown() + "\n" + _summary_markdown(summary))
+                f.write("\n" + quant.to_markdown() if quant else "")
 
 
 def run_job(
@@ -112,13 +129,8 @@ def run_job(
             quant = shipped.quantization
             if latency:
                 _log("measuring ONNX Runtime latency (1 thread, original vs optimized, interleaved)", quiet)
-            lat = (
-                check_latency(
-                    orig_export.path, shipped.path, x, macs=(res.report.macs_before, res.report.macs_after)
-                )
-                if latency
-                else None
-            )
+            macs = (res.report.macs_before, res.report.macs_after)
+            lat = check_latency(orig_export.path, shipped.path, x, macs=macs) if latency else None
         summary = JobSummary(
             macs=(res.report.macs_before, res.report.macs_after),
             params=(res.report.params_before, res.report.params_after),
@@ -134,17 +146,7 @@ def run_job(
             sweep_point=point,
         )
         if report is not None:
-            data = res.report.to_dict() | {"job": summary.__dict__, "latency": lat.to_dict() if lat else None}
-            with main_output(report) as tmp_report:
-                if tmp_report is not None:  # rank 0 (or no torch.distributed) writes; the others wait
-                    with open(tmp_report, "w") as f:
-                        json.dump(data, f, indent=2, default=str)
-            md = os.path.splitext(os.fspath(report))[0] + ".md"
-            with main_output(md) as tmp_md:
-                if tmp_md is not None:
-                    with open(tmp_md, "w") as f:
-                        f.write(res.report.to_markdown() + "\n" + _summary_markdown(summary))
-                        f.write("\n" + quant.to_markdown() if quant else "")
+            _write_reports(report, res, summary, lat, quant)
         if out is not None and shipped is not None:
             with main_output(out) as tmp_out:
                 if tmp_out is not None:

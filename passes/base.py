@@ -20,8 +20,8 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from idap_fx.errors import AnalysisError
+from idap_fx.method.recovery import distill, held_out_loss, run_fine_tune
 from idap_fx.options import Goal, PassOptions, Recovery
-from idap_fx.recovery import distill, held_out_loss, run_fine_tune
 
 
 def _no_progress(it: Any, **kw: Any) -> Any:
@@ -39,7 +39,7 @@ class PassContext:
 
     example_inputs: tuple[Any, ...]
     calibration: list[Any]
-    budget: Any  # idap_fx.budget.Budget
+    budget: Any  # idap_fx.method.budget.Budget
     goal: Goal = field(default_factory=Goal)
     recovery: Recovery = field(default_factory=Recovery)
     macs0: int = 0

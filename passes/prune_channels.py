@@ -1,7 +1,7 @@
 """Stage 1: iterative divergence-scored channel / head pruning (method notes §2).
 
 Each step re-analyzes and re-scores the current model, removes ⌊ρ_t·U⌋ units (U = units
-still removable above the floors; which ones is decided by ``idap_fx.allocate``: the
+still removable above the floors; which ones is decided by ``idap_fx.method.allocate``: the
 allocator, the floors relative to the original widths, aligned widths), recovers
 (compensation, distillation or the user's callback) and checks the budget. The step that
 would overshoot the MAC / parameter target is trimmed by bisection on the number of units so
@@ -23,24 +23,24 @@ from idap_fx.passes.base import IdapPass, PassContext, PassRecord
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
-from idap_fx.allocate import (
+from idap_fx.errors import OptionError
+from idap_fx.graph.analysis import analyze
+from idap_fx.graph.dependency import ChannelGroup, DependencyGraph, Plan
+from idap_fx.method.allocate import (
     AUTO_CANDIDATES,
     Allocation,
     Floors,
     OriginalWidths,
     allocate,
 )
-from idap_fx.analysis import analyze
-from idap_fx.budget import deviation, reference_outputs
-from idap_fx.collective import global_slice, reducer
-from idap_fx.dependency import ChannelGroup, DependencyGraph, Plan
-from idap_fx.errors import OptionError
+from idap_fx.method.budget import deviation, reference_outputs
+from idap_fx.method.collective import global_slice, reducer
+from idap_fx.method.recovery import PROBE_STEPS, compensate, held_out_loss, recoverability
+from idap_fx.method.schedule import Schedule, get_schedule
+from idap_fx.method.scoring import Importance, Scores, ScoringContext, get_importance
 from idap_fx.metrics import count_macs, count_params, fingerprint
 from idap_fx.options import PruneOptions
-from idap_fx.recovery import PROBE_STEPS, compensate, held_out_loss, recoverability
-from idap_fx.schedule import Schedule, get_schedule
-from idap_fx.scoring import Importance, Scores, ScoringContext, get_importance
-from idap_fx.surgery import prune
+from idap_fx.rewrite.surgery import prune
 
 
 @dataclass

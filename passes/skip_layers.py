@@ -1,6 +1,6 @@
 """Stage 2: flow-guided layer skipping (method notes §3).
 
-Candidates (``idap_fx.skip_candidates``: residual branches, shape-preserving chains, and opt-in
+Candidates (``idap_fx.rewrite.skip_candidates``: residual branches, shape-preserving chains, and opt-in
 least-squares projections of channel-changing chains) are tried in ascending order of
 layer divergence. Each trial removes one candidate, recovers (the user's ``fine_tune``
 callback, or distillation when a ``train_loader`` is given; nothing otherwise) and checks
@@ -21,11 +21,11 @@ from idap_fx.passes.base import IdapPass, PassContext
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from idap_fx.capture.trace import record_shapes
+from idap_fx.method.skip_scores import layer_scores
 from idap_fx.metrics import count_macs, count_params
 from idap_fx.options import SkipOptions
-from idap_fx.skip_candidates import Candidate, find_candidates, remove
-from idap_fx.skip_scores import layer_scores
-from idap_fx.trace import record_shapes
+from idap_fx.rewrite.skip_candidates import Candidate, find_candidates, remove
 
 
 class SkipLayers(IdapPass):

@@ -1,0 +1,131 @@
+"""Merging the axes of several operands that share (some) output dims.
+
+Used by every op that lines up channels of several tensors: element-wise ops with
+broadcasting, ``cat`` on its other dims, ``stack``, ``matmul`` and attention. Dims are
+named by *labels* common to all operands; contracted labels are reduced away.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import networkx as nx
+import numpy as np
+
+from idap_fx.graph.layout import Axis, Layout
+
+Label = Hashable
+
+
+@dataclass
+class Operand:
+    """One input: its layout, its shape, and the label of each of its dims."""
+
+    layout: Layout
+    shape: tuple[int, ...]
+    labels: dict[int, Label]
+
+
+@dataclass
+class _LAxis:
+    operand: int
+    labels: tuple[Label, ...]
+    ids: np.ndarray
+
+
+def _collapse(coupling, ids: np.ndarray, along: Sequence[int], reason: str) -> np.ndarray:
+    """Union all elements of ``ids`` along axes ``along``; return ids with those axes taken at 0."""
+    if not along:
+        return ids
+    keep = [i for i in range(ids.ndim) if i not in along]
+    moved = np.transpose(ids, keep + list(along))
+    flat = moved.reshape(int(np.prod([ids.shape[i] for i in keep], dtype=np.int64)), -1)
+    if flat.shape[1] > 1:
+        coupling.union(np.repeat(flat[:, :1], flat.shape[1] - 1, axis=1), flat[:, 1:], reason)
+    return flat[:, 0].reshape([ids.shape[i] for i in keep])
+
+
+def merge(
+    coupling, reason: str, operands: Sequence[Operand], contracted: Sequence[Label] = ()
+) -> list[tuple[tuple[Label, ...], np.ndarray]]:
+    """Couple the operands' axes label by label; return the surviving axes as (labels, ids).
+
+    Two axes that share labels are made uniform along the labels they do not share and
+    then coupled index by index on the shared ones. The output keeps, per cluster of
+    coupled axes, one axis that covers all of the cluster's non-contracted labels. An
+    operand with a real (non-broadcast) extent on a label where it carries no channels
+    pins that label: every axis over it is frozen.
+    """
+    laxes: list[_LAxis] = []
+    for i, op in enumerate(operands):
+        for ax in op.layout.axes:
+            laxes.append(_LAxis(i, tuple(op.labels[d] for d in ax.dims), ax.ids))
+    if not laxes:
+        return []
+    real: list[set[Label]] = [
+        {op.labels[d] for d, s in enumerate(op.shape) if s > 1 and d in op.labels} for op in operands
+    ]
+    g = nx.Graph()
+    g.add_nodes_from(range(len(laxes)))
+    by_label: dict[Label, int] = {}
+    for k, la in enumerate(laxes):
+        for lab in la.labels:
+            if lab in by_label:
+                g.add_edge(by_label[lab], k)
+            by_label[lab] = k
+    out: list[tuple[tuple[Label, ...], np.ndarray]] = []
+    for comp in nx.connected_components(g):
+        cluster = [laxes[k] for k in sorted(comp)]
+        problem = _problem(cluster, operands, real)
+        out_labels = {lab for la in cluster for lab in la.labels if lab not in contracted}
+        cover = [la for la in cluster if out_labels <= set(la.labels)]
+        if problem is None and not cover:
+            problem = "output channels would come from two unrelated inputs"
+        if problem:
+            for la in cluster:
+                coupling.freeze(la.ids, f"{reason}: {problem}")
+            continue
+        for x, la in enumerate(cluster):
+            for lb in cluster[x + 1 :]:
+                common = [lab for lab in la.labels if lab in lb.labels]
+                if common:
+                    coupling.union(
+                        _restrict(coupling, la, common, reason),
+                        _restrict(coupling, lb, common, reason),
+                        reason,
+                    )
+        widest = cover[0]
+        kept = tuple(lab for lab in widest.labels if lab not in contracted)
+        if kept:  # a fully contracted axis leaves no output channels, and its units stay apart
+            gone = [j for j, lab in enumerate(widest.labels) if lab in contracted]
+            out.append((kept, _collapse(coupling, widest.ids, gone, reason)))
+    return out
+
+
+def _problem(cluster: list[_LAxis], operands: Sequence[Operand], real: list[set[Label]]) -> str | None:
+    labels = {lab for la in cluster for lab in la.labels}
+    for i in range(len(operands)):
+        covered = {lab for la in cluster if la.operand == i for lab in la.labels}
+        if (real[i] & labels) - covered:
+            return f"input {i} has a fixed extent where another input's channels flow"
+    for la in cluster:
+        for lab, size in zip(la.labels, la.ids.shape, strict=True):
+            if size == 1 and any(lab in r for r in real):
+                return "a one-channel tensor is broadcast against channels"
+    return None
+
+
+def _restrict(coupling, la: _LAxis, common: list[Label], reason: str) -> np.ndarray:
+    """``la``'s ids made uniform outside ``common`` and ordered as ``common``."""
+    extra = [j for j, lab in enumerate(la.labels) if lab not in common]
+    reduced = _collapse(coupling, la.ids, extra, reason)
+    rest = [lab for lab in la.labels if lab in common]
+    return np.transpose(reduced, [rest.index(lab) for lab in common])
+
+
+def to_layout(
+    ndim: int, axes: list[tuple[tuple[Label, ...], np.ndarray]], dim_of: dict[Label, int]
+) -> Layout:
+    """Build an output layout from merged axes, mapping labels to output dims."""
+    return Layout(ndim, tuple(Axis(tuple(dim_of[lab] for lab in labs), ids).sorted() for labs, ids in axes))

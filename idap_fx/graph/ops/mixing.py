@@ -1,0 +1,149 @@
+"""Ops that combine values along dims: reductions, pooling / resizing / padding, softmax, matmul, attention.
+
+A dim these ops mix is never a channel dim that may shrink, except where the combination
+stays exact or is a statistic: ``sum`` over channels masks its input (a removed channel adds
+nothing), a statistic over whole channel axes (``mean``, ``var`` ...) makes them inexact (as
+LayerNorm), anything else over channels freezes them. Matmul contracts matching channel
+axes (attention's q·kᵀ and attn·v couple the heads of q, k and v).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from idap_fx.graph.layout import Layout
+from idap_fx.graph.ops.merge import Operand, merge, to_layout
+from idap_fx.graph.ops.registry import register
+from idap_fx.graph.ops.shape import arg, norm_dim
+
+REDUCTIONS = ("mean", "sum", "amax", "amin", "std", "var", "logsumexp", "norm", "prod")
+
+
+@register(*REDUCTIONS, torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp)
+def _reduce(ctx, node: fx.Node) -> Layout:
+    src = node.args[0]
+    lay = ctx.layout(src)
+    nd_in, nd_out = lay.ndim, len(ctx.shape(node))
+    dims = arg(node, 1, "dim", None)
+    if dims is None:
+        reduced = set(range(nd_in))
+    else:
+        reduced = {norm_dim(d, nd_in) for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
+    keep = nd_out == nd_in
+    mapping = {
+        d: (d if keep else d - sum(1 for r in reduced if r < d)) for d in range(nd_in) if d not in reduced
+    }
+    name = (
+        node.target if isinstance(node.target, str) else node.target.__name__.split(".")[0]
+    )  # aten: sum.dim_IntList
+    axes = []
+    for ax in lay.axes:
+        if not set(ax.dims) & reduced:
+            axes.append(ax.moved(mapping))
+        elif name == "sum" and set(ax.dims) <= reduced:
+            ctx.coupling.input_mask(node.name, 0, ax.dims, ax.ids)
+        elif (
+            set(ax.dims) <= reduced
+        ):  # a statistic over whole channel axes: shapes survive pruning, values move
+            ctx.coupling.inexact(
+                ax.ids, f"{node.name}: {name} over channels (a statistic, as in LayerNorm / RMSNorm)"
+            )
+        else:
+            ctx.coupling.freeze(ax.ids, f"{node.name}: {name} over part of a channel axis")
+    return Layout(nd_out, tuple(axes))
+
+
+SPATIAL_MODULES = {
+    nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3, nn.AdaptiveMaxPool1d: 1,
+    nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3,
+    nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.Upsample: -2, nn.UpsamplingNearest2d: 2,
+    nn.UpsamplingBilinear2d: 2, nn.ZeroPad2d: 2, nn.ReflectionPad2d: 2, nn.ReplicationPad2d: 2,
+}  # fmt: skip
+SPATIAL_FUNCTIONS = {
+    F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3, F.adaptive_max_pool2d: 2,
+    F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3, F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3,
+    F.interpolate: -2, F.upsample: -2,
+}  # fmt: skip
+
+
+@register(*SPATIAL_MODULES, *SPATIAL_FUNCTIONS, F.pad)
+def _spatial(ctx, node: fx.Node) -> Layout:
+    """Pooling/resizing/padding: the trailing spatial dims are mixed; the channel dims pass."""
+    src = node.args[0]
+    lay = ctx.layout(src)
+    if node.op == "call_module":
+        n = SPATIAL_MODULES[type(ctx.module(node))]
+    elif node.target is F.pad:
+        n = len(arg(node, 1, "pad")) // 2
+    else:
+        n = SPATIAL_FUNCTIONS[node.target]
+    if n < 0:
+        n = lay.ndim + n
+    if len(ctx.shape(node)) != lay.ndim:
+        raise ValueError("rank changes")
+    return spatial_axes(ctx, node, lay, n)
+
+
+def spatial_axes(ctx, node: fx.Node, lay: Layout, n: int) -> Layout:
+    """The layout with its last ``n`` (spatial) dims mixed: channel axes on them are frozen and dropped."""
+    first = lay.ndim - n
+    axes = []
+    for ax in lay.axes:
+        if any(d >= first for d in ax.dims):
+            ctx.coupling.freeze(ax.ids, f"{node.name}: channels on a pooled/resized dim")
+        else:
+            axes.append(ax)
+    return Layout(lay.ndim, tuple(axes))
+
+
+@register(nn.Softmax, nn.LogSoftmax, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax")
+def _softmax(ctx, node: fx.Node) -> Layout:
+    lay = ctx.layout(node.args[0])
+    dim = ctx.module(node).dim if node.op == "call_module" else arg(node, 1, "dim")
+    if dim is None:
+        raise ValueError("implicit softmax dim")
+    dim = norm_dim(dim, lay.ndim)
+    ax = lay.axis_of(dim)
+    if ax is not None:
+        ctx.coupling.freeze(ax.ids, f"{node.name}: softmax normalises across channels")
+        lay = Layout(lay.ndim, tuple(a for a in lay.axes if a is not ax))
+    return lay
+
+
+@register(operator.matmul, torch.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm")
+def _matmul(ctx, node: fx.Node) -> Layout:
+    a, b = node.args[0], node.args[1]
+    sa, sb, out = ctx.shape(a), ctx.shape(b), ctx.shape(node)
+    if len(sa) < 2 or len(sb) < 2:
+        raise ValueError("1-D matmul")
+    nd = len(out)
+    la = {d: nd - 2 - (len(sa) - 2) + d for d in range(len(sa) - 2)}
+    la.update({len(sa) - 2: nd - 2, len(sa) - 1: "K"})
+    lb = {d: nd - 2 - (len(sb) - 2) + d for d in range(len(sb) - 2)}
+    lb.update({len(sb) - 2: "K", len(sb) - 1: nd - 1})
+    lay_a = ctx.layout(a)
+    axes = merge(ctx.coupling, node.name, [Operand(lay_a, sa, la), Operand(ctx.layout(b), sb, lb)], ["K"])
+    k_axis = lay_a.axis_of(len(sa) - 1)
+    if k_axis is not None:
+        ctx.coupling.input_mask(node.name, 0, k_axis.dims, k_axis.ids)
+    return to_layout(nd, axes, {d: d for d in range(nd)})
+
+
+@register(F.scaled_dot_product_attention)
+def _sdpa(ctx, node: fx.Node) -> Layout:
+    q, k, v = node.args[:3]
+    sq, sk, sv, out = ctx.shape(q), ctx.shape(k), ctx.shape(v), ctx.shape(node)
+    nd = len(out)
+    lq = {d: d for d in range(nd - 2)} | {nd - 2: nd - 2, nd - 1: "E"}
+    lk = {d: d for d in range(nd - 2)} | {nd - 2: "S", nd - 1: "E"}
+    lv = {d: d for d in range(nd - 2)} | {nd - 2: "S", nd - 1: nd - 1}
+    lay_q = ctx.layout(q)
+    if (ax := lay_q.axis_of(nd - 1)) is not None and ax.dims == (nd - 1,):
+        raise ValueError("head_dim itself is prunable; it sets the softmax scale")
+    operands = [Operand(lay_q, sq, lq), Operand(ctx.layout(k), sk, lk), Operand(ctx.layout(v), sv, lv)]
+    axes = merge(ctx.coupling, node.name, operands, ["E", "S"])
+    return to_layout(nd, axes, {d: d for d in range(nd)})

@@ -1,0 +1,1 @@
+"""Method: the IDAP++ decisions: statistics, divergence scores, allocation, schedule, budget, recovery."""
