@@ -277,7 +277,7 @@ def test_pruned_bert_exports_to_onnx_with_fewer_heads(hf: ModuleType, tmp_path) 
 def test_llama_rms_norm_stream_is_an_inexact_group_pruned_consistently(hf: ModuleType) -> None:
     """Llama's residual stream runs through RMSNorm written as pow / mean / rsqrt (traced through): it used to
     freeze ("mean over channels"); now it is one inexact group (as under LayerNorm) holding the embedding and
-    every RMSNorm weight, prunable with ``prune_inexact``. Heads stay frozen (RoPE, GQA: issue 13)."""
+    every RMSNorm weight, prunable with ``prune_inexact``. Heads are exact units: one per key/value head (GQA)."""
     torch.manual_seed(0)
     cfg = hf.LlamaConfig(
         vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -289,7 +289,7 @@ def test_llama_rms_norm_stream_is_an_inexact_group_pruned_consistently(hf: Modul
     stream = dg.group("model_embed_tokens")
     assert stream.size == 32 and stream.prunable and not stream.exact
     assert "mean over channels" in stream.inexact_reason
-    assert sorted(g.size for g in dg.prunable if g.exact) == [48, 48]  # the two MLP widths
+    assert sorted(g.size for g in dg.prunable if g.exact) == [2, 2, 48, 48]  # 2 KV-head groups, 2 MLP widths
     removed = [1, 5, 9, 20]
     pruned = idap_fx.prune(gm, {stream.id: removed}, dg)
     norms = {k: v for k, v in pruned.state_dict().items() if k.endswith("norm.weight")}
@@ -308,13 +308,16 @@ ROTARY = {  # (config class, model class, extra config): decoders with rotary em
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"num_key_value_heads": 2, "pad_token_id": 0}),  # fused gate_up
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),  # fused query_key_value
 }
+# exact groups besides the two MLP widths: one group per layer of 2 key/value-head units (separate q/k/v
+# projections); the fused-qkv decoders' heads still freeze (issue 13)
+HEAD_GROUPS = {"llama": [2, 2], "qwen2": [2, 2], "phi3": [], "gpt_neox": []}
 
 
 @pytest.mark.parametrize("name", sorted(ROTARY))
 def test_rotary_decoders_mlp_widths_are_exact_and_the_stream_inexact(hf: ModuleType, name: str) -> None:
     """What rotary-embedding decoders get today: every MLP width prunable and exact (prune == mask, Phi-3's
-    fused gate_up_proj included), the residual stream one inexact group (RMSNorm; GPT-NeoX: LayerNorm); heads still
-    freeze (issue 13)."""
+    fused gate_up_proj included), heads exact where q, k and v are separate projections, the residual stream one
+    inexact group (RMSNorm; GPT-NeoX: LayerNorm)."""
     cfg_cls, model_cls, extra = ROTARY[name]
     torch.manual_seed(0)
     cfg = getattr(hf, cfg_cls)(
@@ -326,11 +329,13 @@ def test_rotary_decoders_mlp_widths_are_exact_and_the_stream_inexact(hf: ModuleT
     dg = idap_fx.analyze(gm)
     exact = [g for g in dg.prunable if g.exact]
     inexact = [g for g in dg.prunable if not g.exact]
-    assert sorted(g.size for g in exact) == [48, 48], [(g.id, g.size) for g in dg.prunable]
+    assert sorted(g.size for g in exact) == [*HEAD_GROUPS[name], 48, 48], [
+        (g.id, g.size) for g in dg.prunable
+    ]
     assert [g.size for g in inexact] == [32] and "channels" in inexact[
         0
     ].inexact_reason  # RMSNorm, or LayerNorm
-    plan = {g.id: [1, 7, 30] for g in exact}
+    plan = {g.id: [1, 7, 30] if g.size == 48 else [1] for g in exact}
     pruned, masked = idap_fx.prune(gm, plan, dg), idap_fx.mask(gm, plan, dg)
     with torch.no_grad():
         got, want, before = _out(pruned(*x)), _out(masked(*x)), _out(gm(*x))

@@ -22,7 +22,7 @@ from torch import fx
 from torchvision.models import swin_transformer as tv_swin
 
 from idap_fx.graph.layout import Axis, Layout
-from idap_fx.graph.ops.merge import _collapse
+from idap_fx.graph.ops.merge import collapse
 from idap_fx.graph.ops.registry import Rewrite, register
 
 _ARGS = (
@@ -154,7 +154,7 @@ def _window_attention(ctx, node: fx.Node) -> Layout:
         )
     for other in per_head[1:]:
         ctx.coupling.union(per_head[0], other, node.name)
-    unit = _collapse(ctx.coupling, per_head[0], [1], node.name)
+    unit = collapse(ctx.coupling, per_head[0], [1], node.name)
     ctx.coupling.union(ctx.coupling.new_space(node.name, heads, "heads"), unit, node.name)  # opened here
     per_unit = [_axis_ids(ctx.layout(args["relative_position_bias"]), 1, heads, "relative_position_bias")]
     if isinstance(args.get("logit_scale"), fx.Node):

@@ -27,7 +27,7 @@ FUNCTIONS = (
     operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow, operator.iadd,
     operator.isub, operator.imul, operator.itruediv,
     torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum, torch.where, torch.relu,
-    torch.sigmoid, torch.tanh, torch.exp, torch.sqrt, torch.rsqrt, torch.abs, torch.neg, torch.clamp,
+    torch.sigmoid, torch.tanh, torch.exp, torch.sqrt, torch.cos, torch.sin, torch.rsqrt, torch.abs, torch.neg, torch.clamp,
     torch.clip, torch.erf, torch.pow, torch.square, torch.sign, torch.nan_to_num,
     operator.lt, operator.le, operator.gt, operator.ge, operator.eq, operator.ne, operator.and_, operator.or_,
     operator.xor, operator.invert, torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge,
@@ -39,7 +39,7 @@ FUNCTIONS = (
 )  # fmt: skip
 METHODS = (
     "add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_", "relu", "relu_", "sigmoid", "sigmoid_",
-    "tanh", "tanh_", "exp", "sqrt", "rsqrt", "abs", "neg", "clamp", "clamp_", "clip", "pow", "square",
+    "tanh", "tanh_", "exp", "sqrt", "cos", "sin", "rsqrt", "abs", "neg", "clamp", "clamp_", "clip", "pow", "square",
     "contiguous", "clone", "detach", "float", "half", "double", "bfloat16", "to", "type", "type_as",
     "masked_fill", "masked_fill_", "where", "maximum", "minimum", "erf", "sign", "nan_to_num",
     "expand_as", "bool", "long", "int", "eq", "ne", "lt", "le", "gt", "ge", "logical_not", "logical_and", "logical_or",

@@ -20,7 +20,7 @@ from torch import fx, nn
 from idap_fx.graph.layout import Axis, Layout
 from idap_fx.graph.ops import aten as aten_rules
 from idap_fx.graph.ops import layers
-from idap_fx.graph.ops.merge import _collapse
+from idap_fx.graph.ops.merge import collapse
 from idap_fx.graph.ops.registry import Rewrite, register
 
 aten = torch.ops.aten
@@ -128,7 +128,7 @@ def group_norm_units(ctx, node: fx.Node, ids: np.ndarray, num_groups: int) -> No
     whatever is removed.
     """
     if num_groups > 1:
-        _collapse(ctx.coupling, ids.reshape(num_groups, -1), [1], node.name)
+        collapse(ctx.coupling, ids.reshape(num_groups, -1), [1], node.name)
     else:
         ctx.coupling.inexact(ids, f"{node.name}: GroupNorm with one group: statistics span the channels")
 

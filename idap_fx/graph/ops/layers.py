@@ -19,7 +19,7 @@ from torchvision.ops import stochastic_depth
 
 from idap_fx.graph.layout import Axis, Layout
 from idap_fx.graph.modules import PrunedMultiheadAttention
-from idap_fx.graph.ops.merge import _collapse
+from idap_fx.graph.ops.merge import collapse
 from idap_fx.graph.ops.registry import Rewrite, register
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -78,17 +78,17 @@ def couple_conv_groups(
     """
     per_out = out_ids.size // groups
     if groups > 1 and per_in == 1:
-        _collapse(ctx.coupling, out_ids.reshape(groups, per_out), [1], node.name)
+        collapse(ctx.coupling, out_ids.reshape(groups, per_out), [1], node.name)
         if in_ids is None:
             ctx.coupling.freeze(out_ids, f"{node.name}: depthwise conv over fixed input channels")
         else:
             ctx.coupling.union(np.repeat(in_ids, per_out), out_ids, node.name)
         return None
     if groups > 1:
-        _collapse(ctx.coupling, out_ids.reshape(groups, per_out), [0], node.name)
+        collapse(ctx.coupling, out_ids.reshape(groups, per_out), [0], node.name)
         if in_ids is None:
             return None
-        return _collapse(ctx.coupling, in_ids.reshape(groups, per_in), [0], node.name)
+        return collapse(ctx.coupling, in_ids.reshape(groups, per_in), [0], node.name)
     return in_ids
 
 
@@ -239,7 +239,7 @@ def _attention(ctx, node: fx.Node) -> tuple[Layout, Any]:
     head_dim = getattr(mod, "head_dim", None) or mod.embed_dim // mod.num_heads
     width = mod.in_proj_weight.shape[0] // 3
     heads = ctx.coupling.new_space(node.name, width, "heads")
-    _collapse(ctx.coupling, heads.reshape(width // head_dim, head_dim), [1], node.name)
+    collapse(ctx.coupling, heads.reshape(width // head_dim, head_dim), [1], node.name)
     qkv = np.concatenate([heads, heads, heads])
     ctx.param(node, "in_proj_weight", 0, "out", qkv)
     ctx.param(node, "in_proj_bias", 0, "out", qkv)

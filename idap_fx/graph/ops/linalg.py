@@ -36,9 +36,9 @@ def contract(ctx, node: fx.Node, x_index: int, w: fx.Node, w_in_dim: int, bias: 
     axes = merge(ctx.coupling, node.name, operands, ["K"])
     # the product opens the output channels (as nn.Linear does), coupled with the weight's output dim
     out_ids = ctx.coupling.new_space(node.name, out[-1])
-    for labels, ids in axes:
-        if labels == (nd - 1,):
-            ctx.coupling.union(out_ids, ids, node.name)
+    for m in axes:
+        if m.labels == (nd - 1,):
+            ctx.coupling.union(out_ids, m.ids, node.name)
     k_axis = lay_x.axis_of(len(sx) - 1)
     if k_axis is not None:
         ctx.coupling.input_mask(node.name, x_index, k_axis.dims, k_axis.ids)

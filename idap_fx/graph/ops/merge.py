@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import networkx as nx
 import numpy as np
@@ -27,14 +28,31 @@ class Operand:
     labels: dict[int, Label]
 
 
+class Merged(NamedTuple):
+    """An output axis of ``merge``: its labels, ids, and (multi-label axes) the label allowed to shrink."""
+
+    labels: tuple[Label, ...]
+    ids: np.ndarray
+    free: Label | None = None
+
+
 @dataclass
 class _LAxis:
     operand: int
     labels: tuple[Label, ...]
     ids: np.ndarray
+    free: Label | None = (
+        None  # a multi-label axis: the label whose extent may shrink (heads of heads x head_dim)
+    )
+
+    def shrinkable(self) -> set[Label]:
+        """Labels whose extent changes when elements go (all of them where no free label is known)."""
+        if len(self.labels) > 1 and self.free is not None:
+            return {self.free}
+        return set(self.labels)
 
 
-def _collapse(coupling, ids: np.ndarray, along: Sequence[int], reason: str) -> np.ndarray:
+def collapse(coupling, ids: np.ndarray, along: Sequence[int], reason: str) -> np.ndarray:
     """Union all elements of ``ids`` along axes ``along``; return ids with those axes taken at 0."""
     if not along:
         return ids
@@ -48,19 +66,23 @@ def _collapse(coupling, ids: np.ndarray, along: Sequence[int], reason: str) -> n
 
 def merge(
     coupling, reason: str, operands: Sequence[Operand], contracted: Sequence[Label] = ()
-) -> list[tuple[tuple[Label, ...], np.ndarray]]:
+) -> list[Merged]:
     """Couple the operands' axes label by label; return the surviving axes as (labels, ids).
 
     Two axes that share labels are made uniform along the labels they do not share and
     then coupled index by index on the shared ones. The output keeps, per cluster of
     coupled axes, one axis that covers all of the cluster's non-contracted labels. An
     operand with a real (non-broadcast) extent on a label where it carries no channels
-    pins that label: every axis over it is frozen.
+    pins that label: every axis over it is frozen. An axis lying only along the fixed labels of
+    another operand's multi-label axis (a head_dim-wide ``cos`` or q-norm weight against heads x
+    head_dim) varies within that axis's units, which never shrink there: it is frozen, not coupled.
     """
     laxes: list[_LAxis] = []
     for i, op in enumerate(operands):
         for ax in op.layout.axes:
-            laxes.append(_LAxis(i, tuple(op.labels[d] for d in ax.dims), ax.ids))
+            free = op.labels[ax.free] if ax.free is not None else None
+            laxes.append(_LAxis(i, tuple(op.labels[d] for d in ax.dims), ax.ids, free))
+    laxes = _drop_within_unit(coupling, reason, laxes)
     if not laxes:
         return []
     real: list[set[Label]] = [
@@ -74,7 +96,7 @@ def merge(
             if lab in by_label:
                 g.add_edge(by_label[lab], k)
             by_label[lab] = k
-    out: list[tuple[tuple[Label, ...], np.ndarray]] = []
+    out: list[Merged] = []
     for comp in nx.connected_components(g):
         cluster = [laxes[k] for k in sorted(comp)]
         problem = _problem(cluster, operands, real)
@@ -99,12 +121,25 @@ def merge(
         kept = tuple(lab for lab in widest.labels if lab not in contracted)
         if kept:  # a fully contracted axis leaves no output channels, and its units stay apart
             gone = [j for j, lab in enumerate(widest.labels) if lab in contracted]
-            out.append((kept, _collapse(coupling, widest.ids, gone, reason)))
+            free = next((la.free for la in cluster if la.free in kept), None) if len(kept) > 1 else None
+            out.append(Merged(kept, collapse(coupling, widest.ids, gone, reason), free))
     return out
 
 
+def _drop_within_unit(coupling, reason: str, laxes: list[_LAxis]) -> list[_LAxis]:
+    """Freeze and drop the axes that lie only along another operand's fixed (never shrinking) labels."""
+    fixed = [(la.operand, set(la.labels) - la.shrinkable()) for la in laxes if len(la.labels) > 1]
+    kept = []
+    for lb in laxes:
+        if any(op != lb.operand and set(lb.labels) <= labs for op, labs in fixed):
+            coupling.freeze(lb.ids, f"{reason}: varies within the units (e.g. heads) of another input")
+        else:
+            kept.append(lb)
+    return kept
+
+
 def _problem(cluster: list[_LAxis], operands: Sequence[Operand], real: list[set[Label]]) -> str | None:
-    labels = {lab for la in cluster for lab in la.labels}
+    labels = {lab for la in cluster for lab in la.shrinkable()}
     for i in range(len(operands)):
         covered = {lab for la in cluster if la.operand == i for lab in la.labels}
         if (real[i] & labels) - covered:
@@ -119,13 +154,19 @@ def _problem(cluster: list[_LAxis], operands: Sequence[Operand], real: list[set[
 def _restrict(coupling, la: _LAxis, common: list[Label], reason: str) -> np.ndarray:
     """``la``'s ids made uniform outside ``common`` and ordered as ``common``."""
     extra = [j for j, lab in enumerate(la.labels) if lab not in common]
-    reduced = _collapse(coupling, la.ids, extra, reason)
+    reduced = collapse(coupling, la.ids, extra, reason)
     rest = [lab for lab in la.labels if lab in common]
     return np.transpose(reduced, [rest.index(lab) for lab in common])
 
 
-def to_layout(
-    ndim: int, axes: list[tuple[tuple[Label, ...], np.ndarray]], dim_of: dict[Label, int]
-) -> Layout:
+def to_layout(ndim: int, axes: list[Merged], dim_of: dict[Label, int]) -> Layout:
     """Build an output layout from merged axes, mapping labels to output dims."""
-    return Layout(ndim, tuple(Axis(tuple(dim_of[lab] for lab in labs), ids).sorted() for labs, ids in axes))
+    return Layout(
+        ndim,
+        tuple(
+            Axis(
+                tuple(dim_of[lab] for lab in m.labels), m.ids, None if m.free is None else dim_of[m.free]
+            ).sorted()
+            for m in axes
+        ),
+    )

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from idap_fx.graph.layout import Layout
-from idap_fx.graph.ops.merge import Operand, merge, to_layout
+from idap_fx.graph.layout import Axis, Layout
+from idap_fx.graph.ops.merge import Operand, collapse, merge, to_layout
 from idap_fx.graph.ops.registry import register
 from idap_fx.graph.ops.shape import arg, norm_dim
 
@@ -44,6 +44,8 @@ def _reduce(ctx, node: fx.Node) -> Layout:
     for ax in lay.axes:
         if not set(ax.dims) & reduced:
             axes.append(ax.moved(mapping))
+        elif len(ax.dims) > 1 and ax.free is not None and ax.free not in reduced:
+            axes.append(_within_units(ctx, node, ax, reduced, mapping))
         elif name == "sum" and set(ax.dims) <= reduced:
             ctx.coupling.input_mask(node.name, 0, ax.dims, ax.ids)
         elif (
@@ -55,6 +57,14 @@ def _reduce(ctx, node: fx.Node) -> Layout:
         else:
             ctx.coupling.freeze(ax.ids, f"{node.name}: {name} over part of a channel axis")
     return Layout(nd_out, tuple(axes))
+
+
+def _within_units(ctx, node: fx.Node, ax: Axis, reduced: set[int], mapping: dict[int, int]) -> Axis:
+    """A reduction over fixed sub-dims only (per-head q/k RMSNorm's mean over head_dim): each unit's value
+    depends on that unit alone, so removing whole units stays exact; the axis keeps its other dims."""
+    ids = collapse(ctx.coupling, ax.ids, [k for k, d in enumerate(ax.dims) if d in reduced], node.name)
+    rest = tuple(d for d in ax.dims if d not in reduced)
+    return Axis(rest, ids, ax.free if len(rest) > 1 else None).moved(mapping)
 
 
 SPATIAL_MODULES = {

@@ -18,7 +18,7 @@ import torch
 from torch import fx, nn
 
 from idap_fx.graph.layout import Axis, Dynamic, Layout, all_ids
-from idap_fx.graph.ops.merge import Operand, _collapse, merge, to_layout
+from idap_fx.graph.ops.merge import Operand, collapse, merge, to_layout
 from idap_fx.graph.ops.registry import Rewrite, register
 
 
@@ -70,6 +70,9 @@ def reshape_layout(
     axes = []
     for ax in layout.axes:
         hit = [b for b in blocks if set(ax.dims) & set(b[0])]
+        if len(hit) > 1 and (spread := _reshape_spread(ctx, node, ax, hit, src, dst)) is not None:
+            axes.append(spread)
+            continue
         if len(hit) != 1 or not set(ax.dims) <= set(hit[0][0]):
             ctx.coupling.freeze(ax.ids, f"{node.name}: reshape mixes channels across unrelated dims")
             continue
@@ -92,11 +95,30 @@ def reshape_layout(
                 ctx.coupling.freeze(ax.ids, f"{node.name}: reshape splits a repeated channel dim")
                 continue
             free = free_pref(out_dims) if free_pref else out_dims[0]
-            _collapse(ctx.coupling, ids, [k for k, d in enumerate(out_dims) if d != free], node.name)
+            collapse(ctx.coupling, ids, [k for k, d in enumerate(out_dims) if d != free], node.name)
             axes.append(Axis(tuple(out_dims), ids, free))
             continue
         axes.append(Axis(tuple(out_dims), ids))
     return Layout(len(dst), tuple(axes))
+
+
+def _reshape_spread(ctx, node: fx.Node, ax: Axis, hit: list, src: tuple[int, ...], dst: tuple[int, ...]):
+    """A multi-dim axis whose dims lie in several index blocks, each block becoming one output dim (GQA's
+    repeat_kv: (kv_heads, n_rep) -> kv_heads * n_rep beside head_dim). The free dim's block may merge
+    broadcast dims into it: its ids repeat, so removing a KV head removes every query head it serves.
+    None where a block splits into several dims or the other axes share the blocks."""
+    if ax.free is None or any(len([d for d in outs if dst[d] > 1]) != 1 for _, outs in hit):
+        return None
+    lo, hi = min(hit[0][0]), max(hit[-1][0])
+    olo, ohi = min(hit[0][1]), max(hit[-1][1])
+    placed = ax.ids.reshape([src[d] if d in ax.dims else 1 for d in range(lo, hi + 1)])
+    full = np.broadcast_to(placed, [src[d] for d in range(lo, hi + 1)])
+    ids = np.ascontiguousarray(full).reshape([dst[d] for d in range(olo, ohi + 1)])
+    out_dims = [next(d for d in outs if dst[d] > 1) for _, outs in hit]
+    ids = ids[tuple(slice(None) if d in out_dims else 0 for d in range(olo, ohi + 1))]
+    free = next(next(d for d in outs if dst[d] > 1) for ins, outs in hit if ax.free in ins)
+    collapse(ctx.coupling, ids, [k for k, d in enumerate(out_dims) if d != free], node.name)
+    return Axis(tuple(out_dims), ids, free)
 
 
 def _shape_args(node: fx.Node) -> list[Any]:
@@ -211,18 +233,19 @@ def _expand(ctx, node: fx.Node) -> Layout:
 
 @register(torch.cat, torch.concat, torch.concatenate)
 def _cat(ctx, node: fx.Node) -> Layout:
-    tensors = list(arg(node, 0, "tensors"))
+    tensors = [t for t in arg(node, 0, "tensors") if 0 not in ctx.shape(t)]  # empty pieces add nothing
     out = ctx.shape(node)
     nd = len(out)
     dim = norm_dim(arg(node, 1, "dim", 0), nd)
+    cut = [ctx.layout(t).axis_of(dim) for t in tensors]
+    within = _within_unit_axes(cut, dim)
     pieces, operands = [], []
-    for k, t in enumerate(tensors):
+    for k, (t, ax) in enumerate(zip(tensors, cut, strict=True)):
         lay, shape = ctx.layout(t), ctx.shape(t)
-        if 0 in shape:  # an empty piece (a zero-size slice, a legacy 1-D empty tensor) adds nothing
-            continue
-        ax = lay.axis_of(dim)
         rest = tuple(a for a in lay.axes if a is not ax)
-        if ax is not None and len(ax.dims) == 1:
+        if within is not None:
+            pass
+        elif ax is not None and len(ax.dims) == 1:
             pieces.append(ax.ids)
         else:
             if ax is not None:
@@ -231,9 +254,37 @@ def _cat(ctx, node: fx.Node) -> Layout:
             ctx.coupling.freeze(fresh, f"{node.name}: input {t.name} has a fixed size along the cat dim")
             pieces.append(fresh)
         operands.append(Operand(Layout(nd, rest), shape, {d: d for d in range(nd) if d != dim}))
-    axes = merge(ctx.coupling, node.name, operands)
-    lay = to_layout(nd, axes, {d: d for d in range(nd) if d != dim})
+    lay = to_layout(nd, merge(ctx.coupling, node.name, operands), {d: d for d in range(nd) if d != dim})
+    if within is not None:
+        return Layout(nd, (*lay.axes, _join_units(ctx, node, within, dim)))
     return Layout(nd, (*lay.axes, Axis((dim,), np.concatenate(pieces))))
+
+
+def _within_unit_axes(cut: list[Axis | None], dim: int) -> list[Axis] | None:
+    """The pieces' axes when ``cat`` runs along a fixed sub-dim (head_dim) of every piece's multi-dim axis,
+    over the same dims with the same free dim and unit count (RoPE's rotate-half); else None."""
+    first = cut[0] if cut else None
+    if first is None or len(first.dims) < 2 or first.free in (None, dim):
+        return None
+    f = first.dims.index(first.free)
+    same = all(
+        a is not None
+        and a.dims == first.dims
+        and a.free == first.free
+        and a.ids.shape[f] == first.ids.shape[f]
+        for a in cut
+    )
+    return list(cut) if same else None  # type: ignore[arg-type]
+
+
+def _join_units(ctx, node: fx.Node, axes: list[Axis], dim: int) -> Axis:
+    """One axis whose unit ``j`` joins every piece's unit ``j`` (coupled: they are removed together)."""
+    first = axes[0]
+    f = first.dims.index(first.free)
+    units = [collapse(ctx.coupling, a.ids, [j for j in range(a.ids.ndim) if j != f], node.name) for a in axes]
+    for u in units[1:]:
+        ctx.coupling.union(units[0], u, node.name)
+    return Axis(first.dims, np.concatenate([a.ids for a in axes], axis=first.dims.index(dim)), first.free)
 
 
 @register(torch.stack)
@@ -320,6 +371,7 @@ def _index_tensor(ctx, node: fx.Node, lay: Layout, index: Any) -> Layout:
     mapping: dict[int, int] = {}
     dropped: list[int] = []
     empty: list[int] = []
+    within: dict[int, np.ndarray] = {}
     i = o = 0
     for it in items:
         if it is None:
@@ -334,8 +386,11 @@ def _index_tensor(ctx, node: fx.Node, lay: Layout, index: Any) -> Layout:
         elif isinstance(it, slice):
             size = ctx.shape(node.args[0])[i]
             if not _whole(it.start, it.stop, it.step, size):
-                # absolute bounds go stale when the dim shrinks; an empty slice stays empty
-                (empty if _empty(it.start, size) else dropped).append(i)
+                kept = _within_unit_slice(lay, i, it, size, ctx.shape(node)[o])
+                if kept is not None:  # a dim that never shrinks (head_dim): the positions stay valid
+                    within[i] = kept
+                else:  # absolute bounds go stale when the dim shrinks; an empty slice stays empty
+                    (empty if _empty(it.start, size) else dropped).append(i)
             mapping[i] = o
             i, o = i + 1, o + 1
         else:
@@ -348,5 +403,23 @@ def _index_tensor(ctx, node: fx.Node, lay: Layout, index: Any) -> Layout:
         if set(ax.dims) & set(dropped):
             ctx.coupling.freeze(ax.ids, f"{node.name}: indexes into channels")
         elif not set(ax.dims) & set(empty):
-            axes.append(ax.moved(mapping))
+            ids = ax.ids
+            for d, positions in within.items():
+                if d in ax.dims:
+                    ids = np.take(ids, positions, axis=ax.dims.index(d))
+            axes.append(Axis(ax.dims, ids, ax.free).moved(mapping))
     return Layout(len(ctx.shape(node)), tuple(axes))
+
+
+def _within_unit_slice(lay: Layout, dim: int, it: slice, size: int, out: int) -> np.ndarray | None:
+    """Positions kept by slicing ``dim`` where it is a fixed sub-dim of a multi-dim axis (RoPE's halves of
+    head_dim), else None. Bounds computed in the graph are read off the output size: ``[:k]`` keeps the
+    first ``out`` positions, ``[k:]`` the last."""
+    ax = lay.axis_of(dim)
+    if ax is None or len(ax.dims) < 2 or ax.free is None or ax.free == dim or it.step not in (None, 1):
+        return None
+    if it.start in (None, 0):
+        return np.arange(out)
+    if it.stop is None or isinstance(it.stop, int) and it.stop >= size:
+        return np.arange(size - out, size)
+    return None

@@ -1,0 +1,122 @@
+"""Decoder attention heads under rotary embeddings, grouped-query attention and per-head q/k norms.
+
+Hugging Face Llama-family models (transformers 4.57, tiny configs from their Config classes, traced
+with ``trace_hf``): a unit of a layer's attention group is one key/value head with the query heads
+it serves, RoPE's rotate-half and ``cos``/``sin`` stay inside a head, and the rotary ``inv_freq``
+buffer is frozen (it spans head_dim, which never shrinks). Checked with the prune == mask oracle.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from types import ModuleType
+
+import pytest
+import torch
+from helpers import expected_param_shapes, random_plan, rel_err
+
+import idap_fx
+
+HEADS, HIDDEN, FFN, LAYERS, HEAD_DIM = 4, 32, 48, 2, 8
+# family -> (config class, model class, extra config)
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": HEAD_DIM}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": HEAD_DIM}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": HEAD_DIM}),  # per-head q/k RMSNorm
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": HEAD_DIM}),  # per-head q/k RMSNorm
+}
+CASES = (
+    [(f, 2, "eager") for f in FAMILIES]
+    + [(f, HEADS, "sdpa") for f in ("llama", "qwen3", "gemma2")]
+    + [("llama", 2, "sdpa")]
+)
+
+
+@pytest.fixture(scope="module")
+def hf() -> ModuleType:
+    return pytest.importorskip("transformers")
+
+
+def _inputs(batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(batch * 100 + seq)
+    ids = torch.randint(0, 64, (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[-1, :2] = 0  # left padding in the last row
+    return ids, mask
+
+
+def _decoder(
+    hf: ModuleType, family: str, kv_heads: int, attn: str
+) -> tuple[torch.nn.Module, torch.fx.GraphModule]:
+    from idap_fx.capture.hf import trace_hf
+
+    cfg_cls, model_cls, extra = FAMILIES[family]
+    torch.manual_seed(0)
+    cfg = getattr(hf, cfg_cls)(
+        vocab_size=64, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, num_key_value_heads=kv_heads, max_position_embeddings=64,
+        attn_implementation=attn, **extra,
+    )  # fmt: skip
+    model = getattr(hf, model_cls)(cfg).eval()
+    return model, trace_hf(model, ["input_ids", "attention_mask"], _inputs(2, 7))
+
+
+def _group_of(dg: idap_fx.DependencyGraph, param: str) -> idap_fx.ChannelGroup:
+    return next(g for g in dg.groups if any(m.param == param and m.dim == 0 for m in g.members))
+
+
+@pytest.mark.parametrize(("family", "kv_heads", "attn"), CASES, ids=[f"{f}-kv{k}-{a}" for f, k, a in CASES])
+def test_kv_head_units_are_exact_under_rope_and_gqa(
+    hf: ModuleType, family: str, kv_heads: int, attn: str
+) -> None:
+    model, gm = _decoder(hf, family, kv_heads, attn)
+    x = _inputs(2, 7)
+    with torch.no_grad():
+        assert rel_err(gm(*x)["logits"], model(*x).logits) <= 1e-6
+    dg = idap_fx.analyze(gm)
+    wanted = set()
+    for i in range(LAYERS):
+        heads = _group_of(dg, f"model.layers.{i}.self_attn.q_proj.weight")
+        mlp = _group_of(dg, f"model.layers.{i}.mlp.up_proj.weight")
+        assert heads.prunable and heads.exact, heads.frozen_reason
+        assert mlp.prunable and mlp.exact, mlp.frozen_reason
+        assert heads.size == kv_heads  # one unit: a KV head and its HEADS // kv_heads query heads
+        params = {m.param for m in heads.members}
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            assert f"model.layers.{i}.self_attn.{proj}.weight" in params
+        wanted |= {heads.id, mlp.id}
+    rope = [g for g in dg.groups if any("inv_freq" in s.node for s in g.spaces)]
+    # (Gemma 3 holds a second, local rotary embedding; a layer pattern may leave one of the two unused)
+    assert rope and not any(g.prunable for g in rope)
+    assert any("within the units" in g.frozen_reason for g in rope)
+
+    plan = {gid: idx for gid, idx in random_plan(dg, 0.5, seed=3).items() if gid in wanted}
+    assert len(plan) == 2 * LAYERS
+    pruned, masked = idap_fx.prune(gm, plan, dg), idap_fx.mask(gm, plan, dg)
+    with torch.no_grad():
+        out_p, out_m, out_0 = pruned(*x), masked(*x), gm(*x)
+    assert rel_err(out_p, out_m) <= 1e-4
+    assert rel_err(out_p, out_0) > 1e-3  # the plan really changed the model
+    shapes = expected_param_shapes(gm, dg.expected_numel(plan))
+    assert {k: tuple(v.shape) for k, v in pruned.state_dict().items()} == shapes
+    kept_kv = kv_heads - len(plan[_group_of(dg, "model.layers.0.self_attn.q_proj.weight").id])
+    assert shapes["model.layers.0.self_attn.q_proj.weight"][0] == kept_kv * (HEADS // kv_heads) * HEAD_DIM
+    assert shapes["model.layers.0.self_attn.k_proj.weight"][0] == kept_kv * HEAD_DIM
+    other = _inputs(3, 5)  # sizes computed in the graph adapt to another batch and length
+    with torch.no_grad():
+        assert rel_err(pruned(*other), masked(*other)) <= 1e-4
+
+
+def test_pruned_gqa_llama_exports_and_optimizes(hf: ModuleType) -> None:
+    _, gm = _decoder(hf, "llama", 2, "sdpa")
+    x = _inputs(2, 7)
+    res = idap_fx.optimize(gm, x, target_macs=0.7, budget=None, quiet=True, strict=False)
+    q = res.model.state_dict()["model.layers.0.self_attn.q_proj.weight"]
+    assert res.report.macs_ratio <= 0.7 * 1.03
+    assert q.shape[1] == HIDDEN and q.shape[0] % (2 * HEAD_DIM) == 0  # whole KV groups only
+    with tempfile.TemporaryDirectory() as d:
+        rep = idap_fx.export_onnx(res.model, x, f"{d}/llama.onnx")
+    assert rep.max_rel_error <= 1e-4
