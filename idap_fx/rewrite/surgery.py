@@ -59,6 +59,15 @@ class _Rewrite:
             meta, layout = meta[index], layout[index]
         return _new_shape(layout, tuple(meta.shape), self.removed)
 
+    def kept(self, node: fx.Node, dim: int) -> np.ndarray:
+        layout = self.dg.layouts.get(node.name)
+        ax = layout.axis_of(dim) if isinstance(layout, Layout) else None
+        if ax is None:
+            return np.ones(node.meta["tensor_meta"].shape[dim], dtype=bool)
+        keep = ~self.removed[ax.ids]
+        other = tuple(i for i in range(keep.ndim) if i != ax.dims.index(dim))
+        return keep.any(axis=other) if other else keep
+
     def slice_parameters(self) -> None:
         cuts: dict[str, dict[int, np.ndarray]] = {}
         for m in self.dg.members:

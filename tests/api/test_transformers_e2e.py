@@ -308,16 +308,15 @@ ROTARY = {  # (config class, model class, extra config): decoders with rotary em
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"num_key_value_heads": 2, "pad_token_id": 0}),  # fused gate_up
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {}),  # fused query_key_value
 }
-# exact groups besides the two MLP widths: one group per layer of 2 key/value-head units (separate q/k/v
-# projections); the fused-qkv decoders' heads still freeze (issue 13)
-HEAD_GROUPS = {"llama": [2, 2], "qwen2": [2, 2], "phi3": [], "gpt_neox": []}
+# exact groups besides the two MLP widths: one head group per layer, a unit per key/value head (GPT-NeoX: per head)
+HEAD_GROUPS = {"llama": [2, 2], "qwen2": [2, 2], "phi3": [2, 2], "gpt_neox": [4, 4]}
 
 
 @pytest.mark.parametrize("name", sorted(ROTARY))
 def test_rotary_decoders_mlp_widths_are_exact_and_the_stream_inexact(hf: ModuleType, name: str) -> None:
     """What rotary-embedding decoders get today: every MLP width prunable and exact (prune == mask, Phi-3's
-    fused gate_up_proj included), heads exact where q, k and v are separate projections, the residual stream one
-    inexact group (RMSNorm; GPT-NeoX: LayerNorm)."""
+    fused gate_up_proj included), heads exact (fused qkv projections too), the residual stream one inexact group
+    (RMSNorm; GPT-NeoX: LayerNorm)."""
     cfg_cls, model_cls, extra = ROTARY[name]
     torch.manual_seed(0)
     cfg = getattr(hf, cfg_cls)(
@@ -335,7 +334,7 @@ def test_rotary_decoders_mlp_widths_are_exact_and_the_stream_inexact(hf: ModuleT
     assert [g.size for g in inexact] == [32] and "channels" in inexact[
         0
     ].inexact_reason  # RMSNorm, or LayerNorm
-    plan = {g.id: [1, 7, 30] if g.size == 48 else [1] for g in exact}
+    plan = {g.id: [1, 7, 30] if g.size == 48 else [1] for g in exact}  # one head (group) of each layer
     pruned, masked = idap_fx.prune(gm, plan, dg), idap_fx.mask(gm, plan, dg)
     with torch.no_grad():
         got, want, before = _out(pruned(*x)), _out(masked(*x)), _out(gm(*x))

@@ -27,11 +27,18 @@ FAMILIES = {
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": HEAD_DIM}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": HEAD_DIM}),  # per-head q/k RMSNorm
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": HEAD_DIM}),  # per-head q/k RMSNorm
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0}),  # fused qkv_proj cut by literal slices
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {"rotary_pct": 0.5}),  # fused qkv chunked per head
 }
+# where each family keeps its attention projections (q; k, v; out), relative to the layer
+PROJ = {"phi3": ("self_attn.qkv_proj", "self_attn.qkv_proj", "self_attn.o_proj"),
+        "gpt_neox": ("attention.query_key_value", "attention.query_key_value", "attention.dense")}  # fmt: skip
+DEFAULT_PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj")
+MLP = {"phi3": "mlp.gate_up_proj", "gpt_neox": "mlp.dense_h_to_4h"}
 CASES = (
-    [(f, 2, "eager") for f in FAMILIES]
-    + [(f, HEADS, "sdpa") for f in ("llama", "qwen3", "gemma2")]
-    + [("llama", 2, "sdpa")]
+    [(f, 2, "eager") for f in FAMILIES if f != "gpt_neox"]  # GPT-NeoX has no grouped-query attention
+    + [(f, HEADS, "sdpa") for f in ("llama", "qwen3", "gemma2", "phi3")]
+    + [("llama", 2, "sdpa"), ("gpt_neox", HEADS, "eager")]
 )
 
 
@@ -55,10 +62,10 @@ def _decoder(
 
     cfg_cls, model_cls, extra = FAMILIES[family]
     torch.manual_seed(0)
+    kv = {} if family == "gpt_neox" else {"num_key_value_heads": kv_heads}
     cfg = getattr(hf, cfg_cls)(
         vocab_size=64, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, num_key_value_heads=kv_heads, max_position_embeddings=64,
-        attn_implementation=attn, **extra,
+        num_attention_heads=HEADS, max_position_embeddings=64, attn_implementation=attn, **kv, **extra,
     )  # fmt: skip
     model = getattr(hf, model_cls)(cfg).eval()
     return model, trace_hf(model, ["input_ids", "attention_mask"], _inputs(2, 7))
@@ -77,21 +84,24 @@ def test_kv_head_units_are_exact_under_rope_and_gqa(
     with torch.no_grad():
         assert rel_err(gm(*x)["logits"], model(*x).logits) <= 1e-6
     dg = idap_fx.analyze(gm)
+    q_name, k_name, o_name = PROJ.get(family, DEFAULT_PROJ)
+    layer = "gpt_neox.layers.{i}" if family == "gpt_neox" else "model.layers.{i}"
     wanted = set()
     for i in range(LAYERS):
-        heads = _group_of(dg, f"model.layers.{i}.self_attn.q_proj.weight")
-        mlp = _group_of(dg, f"model.layers.{i}.mlp.up_proj.weight")
+        prefix = layer.format(i=i)
+        heads = _group_of(dg, f"{prefix}.{q_name}.weight")
+        mlp = _group_of(dg, f"{prefix}.{MLP.get(family, 'mlp.up_proj')}.weight")
         assert heads.prunable and heads.exact, heads.frozen_reason
         assert mlp.prunable and mlp.exact, mlp.frozen_reason
         assert heads.size == kv_heads  # one unit: a KV head and its HEADS // kv_heads query heads
         params = {m.param for m in heads.members}
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            assert f"model.layers.{i}.self_attn.{proj}.weight" in params
+        assert {f"{prefix}.{n}.weight" for n in (q_name, k_name, o_name)} <= params
         wanted |= {heads.id, mlp.id}
     rope = [g for g in dg.groups if any("inv_freq" in s.node for s in g.spaces)]
     # (Gemma 3 holds a second, local rotary embedding; a layer pattern may leave one of the two unused)
     assert rope and not any(g.prunable for g in rope)
-    assert any("within the units" in g.frozen_reason for g in rope)
+    if family not in PROJ:  # (partial rotary also reads a size off cos: frozen for that reason first)
+        assert any("within the units" in g.frozen_reason for g in rope)
 
     plan = {gid: idx for gid, idx in random_plan(dg, 0.5, seed=3).items() if gid in wanted}
     assert len(plan) == 2 * LAYERS
@@ -102,9 +112,14 @@ def test_kv_head_units_are_exact_under_rope_and_gqa(
     assert rel_err(out_p, out_0) > 1e-3  # the plan really changed the model
     shapes = expected_param_shapes(gm, dg.expected_numel(plan))
     assert {k: tuple(v.shape) for k, v in pruned.state_dict().items()} == shapes
-    kept_kv = kv_heads - len(plan[_group_of(dg, "model.layers.0.self_attn.q_proj.weight").id])
-    assert shapes["model.layers.0.self_attn.q_proj.weight"][0] == kept_kv * (HEADS // kv_heads) * HEAD_DIM
-    assert shapes["model.layers.0.self_attn.k_proj.weight"][0] == kept_kv * HEAD_DIM
+    prefix = layer.format(i=0)
+    kept_kv = kv_heads - len(plan[_group_of(dg, f"{prefix}.{q_name}.weight").id])
+    q_rows = kept_kv * (HEADS // kv_heads) * HEAD_DIM
+    if q_name == k_name:  # fused: q, k and v rows of the kept heads
+        assert shapes[f"{prefix}.{q_name}.weight"][0] == q_rows + 2 * kept_kv * HEAD_DIM
+    else:
+        assert shapes[f"{prefix}.{q_name}.weight"][0] == q_rows
+        assert shapes[f"{prefix}.{k_name}.weight"][0] == kept_kv * HEAD_DIM
     other = _inputs(3, 5)  # sizes computed in the graph adapt to another batch and length
     with torch.no_grad():
         assert rel_err(pruned(*other), masked(*other)) <= 1e-4

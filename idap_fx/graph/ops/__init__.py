@@ -6,6 +6,8 @@ from idap_fx.graph.ops import (  # noqa: F401
     creation,
     elementwise,
     functional,
+    indexing,
+    joins,
     layers,
     linalg,
     mixing,

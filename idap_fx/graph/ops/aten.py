@@ -18,7 +18,7 @@ import torch
 from torch import fx
 
 from idap_fx.graph.layout import Axis, Layout
-from idap_fx.graph.ops import creation, elementwise, layers, linalg, mixing, shape
+from idap_fx.graph.ops import creation, elementwise, indexing, joins, layers, linalg, mixing, shape
 from idap_fx.graph.ops.registry import Rewrite, register
 
 aten = torch.ops.aten
@@ -53,10 +53,10 @@ register(aten.expand.default, fix=shape.fix_shape_args)(shape._expand)
 register(*_all(aten.flatten, aten.unflatten, aten.squeeze, aten.unsqueeze))(shape._flatten)
 register(aten.permute.default)(shape._permute)
 register(aten.transpose.int)(shape._transpose)
-register(aten.cat.default)(shape._cat)
-register(aten.stack.default)(shape._stack)
-register(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, fix=shape._fix_split)(
-    shape._split
+register(aten.cat.default)(joins._cat)
+register(aten.stack.default)(joins._stack)
+register(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, fix=joins._fix_split)(
+    joins._split
 )
 register(
     aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default, aten.var.correction,
@@ -239,9 +239,9 @@ def _slice(ctx, node: fx.Node) -> Layout:
     size = ctx.shape(node.args[0])
     dim = shape.norm_dim(node.args[1] if len(node.args) > 1 else 0, lay.ndim)
     start, end, step = (list(node.args[2:]) + [None, None, 1])[:3]
-    if shape._whole(start, end, step, size[dim]):
+    if indexing.keeps_whole(start, end, step, size[dim]):
         return lay
-    empty = shape._empty(start, size[dim])  # a zero-size slice (partial rotary's empty pass-through)
+    empty = indexing.stays_empty(start, size[dim])  # a zero-size slice (partial rotary's empty pass-through)
     axes = []
     for ax in lay.axes:
         if dim in ax.dims and not empty:

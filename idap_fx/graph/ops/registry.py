@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import fx, nn
 
@@ -28,6 +29,10 @@ class Rewrite(Protocol):
 
     def shape(self, node: fx.Node, index: int | None = None) -> list[int]:
         """``node``'s output shape after pruning (output ``index`` of a tuple/list output)."""
+        ...
+
+    def kept(self, node: fx.Node, dim: int) -> np.ndarray:
+        """Which positions along ``dim`` of ``node``'s (tensor) output survive pruning (bool, old size)."""
         ...
 
 

@@ -1,0 +1,155 @@
+"""Indexing a tensor (``x[...]``): dims kept, dropped or sliced, and slices that follow pruning.
+
+An integer index or a slice with bounds that would go stale freezes the channels it cuts;
+a slice with literal bounds on a dim that shrinks keeps its positions and is rewritten after
+pruning (``fix_slices``: Phi-3's fused qkv); a slice of a dim that never shrinks (head_dim
+under RoPE) keeps its positions as they are.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import numpy as np
+from torch import fx
+
+from idap_fx.graph.layout import Axis, Dynamic, Layout
+from idap_fx.graph.ops.registry import Rewrite, is_tensor_meta, register
+
+
+def _source_dims(items: list[Any], ndim: int) -> list[int | None]:
+    """The source dim each index item reads (None for ``None`` and ``...``), as ``_index_tensor`` walks them."""
+    consumed = sum(1 for it in items if it is not None and it is not Ellipsis)
+    dims, i = [], 0
+    for it in items:
+        if it is None or it is Ellipsis:
+            dims.append(None)
+            i += ndim - consumed if it is Ellipsis else 0
+        else:
+            dims.append(i)
+            i += 1
+    return dims
+
+
+def fix_slices(rw: Rewrite, node: fx.Node) -> None:
+    """Literal slice bounds on a dim that lost positions count only the positions kept before them."""
+    src, index = node.args
+    meta = src.meta.get("tensor_meta") if isinstance(src, fx.Node) else None
+    if not is_tensor_meta(meta) or isinstance(index, int):  # a tuple of tensors: plain item access
+        return
+    items = list(index) if isinstance(index, tuple) else [index]
+    new = list(items)
+    for k, (it, dim) in enumerate(zip(items, _source_dims(items, len(meta.shape)), strict=True)):
+        if (
+            not isinstance(it, slice)
+            or dim is None
+            or not _literal(it)
+            or keeps_whole(it.start, it.stop, it.step, meta.shape[dim])
+        ):
+            continue
+        keep = rw.kept(src, dim)
+        if not keep.all():
+            start, stop, _ = slice(it.start, it.stop).indices(keep.size)
+            new[k] = slice(int(keep[:start].sum()), int(keep[:stop].sum()), it.step)
+    if new != items:
+        node.args = (src, tuple(new) if isinstance(index, tuple) else new[0])
+
+
+@register(operator.getitem, fix=fix_slices)
+def _getitem(ctx, node: fx.Node) -> Any:
+    src, index = node.args
+    value = ctx.value(src)
+    if isinstance(value, (tuple, list)):
+        if not isinstance(index, int):
+            raise ValueError("dynamic index into a tuple of tensors")
+        return value[index]
+    if isinstance(value, Dynamic):
+        return Dynamic(node)
+    return _index_tensor(ctx, node, value, index)
+
+
+def keeps_whole(start: Any, stop: Any, step: Any, size: int) -> bool:
+    """Whether ``[start:stop:step]`` keeps a dim of ``size`` whole (and stays whole when it shrinks)."""
+    return (
+        start in (None, 0) and (stop is None or isinstance(stop, int) and stop >= size) and step in (None, 1)
+    )
+
+
+def stays_empty(start: Any, size: int) -> bool:
+    """Whether a slice from ``start`` is empty on a dim of ``size`` (and stays empty when it shrinks)."""
+    return isinstance(start, int) and start >= size
+
+
+def _index_tensor(ctx, node: fx.Node, lay: Layout, index: Any) -> Layout:
+    items = list(index) if isinstance(index, tuple) else [index]
+    consumed = sum(1 for it in items if it is not None and it is not Ellipsis)
+    mapping: dict[int, int] = {}
+    dropped: list[int] = []
+    empty: list[int] = []
+    within: dict[int, np.ndarray] = {}
+    i = o = 0
+    for it in items:
+        if it is None:
+            o += 1
+        elif it is Ellipsis:
+            for _ in range(lay.ndim - consumed):
+                mapping[i] = o
+                i, o = i + 1, o + 1
+        elif isinstance(it, int):
+            dropped.append(i)
+            i += 1
+        elif isinstance(it, slice):
+            size = ctx.shape(node.args[0])[i]
+            if not keeps_whole(it.start, it.stop, it.step, size):
+                kept = _slice_positions(lay, i, it, size, ctx.shape(node)[o])
+                if kept is not None:  # literal bounds (rewritten after pruning) or a dim that never shrinks
+                    within[i] = kept
+                else:  # absolute bounds go stale when the dim shrinks; an empty slice stays empty
+                    (empty if stays_empty(it.start, size) else dropped).append(i)
+            mapping[i] = o
+            i, o = i + 1, o + 1
+        else:
+            raise ValueError(f"unsupported index {type(it).__name__}")
+    while i < lay.ndim:
+        mapping[i] = o
+        i, o = i + 1, o + 1
+    axes = []
+    for ax in lay.axes:
+        if set(ax.dims) & set(dropped):
+            ctx.coupling.freeze(ax.ids, f"{node.name}: indexes into channels")
+        elif not set(ax.dims) & set(empty):
+            ids = ax.ids
+            for d, positions in within.items():
+                if d in ax.dims:
+                    ids = np.take(ids, positions, axis=ax.dims.index(d))
+            axes.append(Axis(ax.dims, ids, ax.free).moved(mapping))
+    return Layout(len(ctx.shape(node)), tuple(axes))
+
+
+def _literal(it: slice) -> bool:
+    return all(b is None or isinstance(b, int) for b in (it.start, it.stop)) and it.step in (None, 1)
+
+
+def _slice_positions(lay: Layout, dim: int, it: slice, size: int, out: int) -> np.ndarray | None:
+    """Positions of ``dim`` a slice keeps, where they stay right after pruning; else None.
+
+    Literal bounds on a dim that shrinks (a fused qkv projection cut at ``[:q]``, ``[q:q + k]``,
+    ``[q + k:]``) are rewritten by ``fix_slices`` to count the kept positions before them. On a fixed
+    sub-dim of a multi-dim axis (RoPE's halves of head_dim), which never shrinks, any bounds stay
+    valid; bounds computed in the graph are read off the output size: ``[:k]`` keeps the first
+    ``out`` positions, ``[k:]`` the last."""
+    ax = lay.axis_of(dim)
+    if ax is None or it.step not in (None, 1):
+        return None
+    shrinks = len(ax.dims) == 1 or ax.free == dim
+    if shrinks and _literal(it):
+        start, stop, _ = slice(it.start, it.stop).indices(size)
+        return np.arange(start, stop) if stop > start else None
+    if shrinks or ax.free is None:
+        return None
+    if it.start in (None, 0):
+        return np.arange(out)
+    if it.stop is None or isinstance(it.stop, int) and it.stop >= size:
+        return np.arange(size - out, size)
+    return None
