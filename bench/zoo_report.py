@@ -27,7 +27,7 @@ import torch
 import idap_fx
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "graph")]  # helpers.py, graph/test_zoo.py
 from helpers import random_plan  # noqa: E402
 from test_zoo import ALL_MODELS, DEFAULT_MODELS, INPUT_SIZE, RATIO, build  # noqa: E402
 

@@ -19,7 +19,7 @@ from idap_fx.graph import ops  # noqa: F401  (fills the registry)
 from idap_fx.graph.dependency import Coupling, DependencyGraph
 from idap_fx.graph.layout import Axis, Dynamic, Layout, all_ids, dim_ids, layouts_in
 from idap_fx.graph.ops.registry import is_tensor_meta, lookup, meta_shape
-from idap_fx.graph.ops.shape import fix_shape_args
+from idap_fx.graph.ops.shape import fix_reshape_args, fix_shape_args
 
 
 class RuleContext:
@@ -130,7 +130,10 @@ class LayoutProp(fx.Interpreter):
             except Exception as exc:  # a rule that cannot handle this use is a boundary too
                 reason = f"{_describe(n, self.module)} (rule '{rule.name}' declined: {exc})"
             else:
-                if rule.fix is not fix_shape_args:  # only view/reshape/expand rewrite their sizes
+                if rule.fix not in (
+                    fix_shape_args,
+                    fix_reshape_args,
+                ):  # only view/reshape/expand rewrite sizes
                     for a in inputs:
                         if isinstance(self.env[a], Dynamic) and self.env[a].taint.size:
                             self.coupling.freeze(

@@ -59,6 +59,9 @@ class _Rewrite:
             meta, layout = meta[index], layout[index]
         return _new_shape(layout, tuple(meta.shape), self.removed)
 
+    def value(self, arg: Any) -> Any:
+        return self.dg.layouts.get(arg.name) if isinstance(arg, fx.Node) else arg
+
     def kept(self, node: fx.Node, dim: int) -> np.ndarray:
         layout = self.dg.layouts.get(node.name)
         ax = layout.axis_of(dim) if isinstance(layout, Layout) else None

@@ -135,3 +135,58 @@ def test_pruned_gqa_llama_exports_and_optimizes(hf: ModuleType) -> None:
     with tempfile.TemporaryDirectory() as d:
         rep = idap_fx.export_onnx(res.model, x, f"{d}/llama.onnx")
     assert rep.max_rel_error <= 1e-4
+
+
+def test_clip_vision_heads_with_the_stream_width_read_off_the_input(hf: ModuleType) -> None:
+    """CLIP writes ``attn.reshape(b, t, embed_dim)`` with ``embed_dim`` read off the residual stream: that one
+    size is written as ``-1`` after pruning, so the heads stay prunable (they froze: "size set from another
+    tensor")."""
+    from idap_fx.capture.hf import trace_hf
+
+    torch.manual_seed(0)
+    cfg = hf.CLIPVisionConfig(
+        hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        image_size=32, patch_size=8,
+    )  # fmt: skip
+    x = (torch.randn(2, 3, 32, 32),)
+    gm = trace_hf(hf.CLIPVisionModel(cfg).eval(), ["pixel_values"], x)
+    dg = idap_fx.analyze(gm)
+    heads = [_group_of(dg, f"vision_model.encoder.layers.{i}.self_attn.q_proj.weight") for i in range(LAYERS)]
+    assert all(h.prunable and h.exact and h.size == HEADS for h in heads), [h.frozen_reason for h in heads]
+    plan = {h.id: [0, 2] for h in heads}
+    pruned, masked = idap_fx.prune(gm, plan, dg), idap_fx.mask(gm, plan, dg)
+    reshapes = [n for n in pruned.graph.nodes if n.target == "reshape" and -1 in n.args[1:]]
+    assert len(reshapes) == LAYERS  # the stream-width argument became -1
+    with torch.no_grad():
+        assert rel_err(pruned(*x), masked(*x)) <= 1e-4
+        assert rel_err(pruned(*x), gm(*x)) > 1e-3
+        other = (torch.randn(3, 3, 32, 32),)
+        assert rel_err(pruned(*other), masked(*other)) <= 1e-4
+
+
+class _FusedQKV(torch.nn.Module):
+    """Bloom-style fused projection: ``view(b, t, heads, 3, head_dim)``, then ``[..., k, :]`` picks q, k, v."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.out = torch.nn.Linear(HIDDEN, 3 * HIDDEN), torch.nn.Linear(HIDDEN, HIDDEN)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        fused = self.qkv(x).view(b, t, HEADS, 3, HEAD_DIM)
+        q, k, v = (fused[..., i, :].transpose(1, 2) for i in range(3))
+        att = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.out(att.transpose(1, 2).reshape(b, t, -1))
+
+
+def test_integer_index_into_a_fixed_sub_dim_keeps_the_heads() -> None:
+    x = torch.randn(2, 5, HIDDEN)
+    gm = idap_fx.trace(_FusedQKV().eval(), x)
+    dg = idap_fx.analyze(gm)
+    heads = _group_of(dg, "qkv.weight")
+    assert heads.prunable and heads.exact and heads.size == HEADS, heads.frozen_reason
+    plan = {heads.id: [1, 2]}
+    pruned, masked = idap_fx.prune(gm, plan, dg), idap_fx.mask(gm, plan, dg)
+    assert pruned.state_dict()["qkv.weight"].shape == (3 * HIDDEN // 2, HIDDEN)
+    with torch.no_grad():
+        assert rel_err(pruned(x), masked(x)) <= 1e-5 and rel_err(pruned(x), gm(x)) > 1e-3

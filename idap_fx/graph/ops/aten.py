@@ -46,7 +46,7 @@ ELEMENTWISE = _all(
 )  # fmt: skip
 register(*ELEMENTWISE)(elementwise._elementwise)
 
-register(aten.view.default, aten.reshape.default, aten._unsafe_view.default, fix=shape.fix_shape_args)(
+register(aten.view.default, aten.reshape.default, aten._unsafe_view.default, fix=shape.fix_reshape_args)(
     shape._reshape
 )
 register(aten.expand.default, fix=shape.fix_shape_args)(shape._expand)

@@ -88,6 +88,7 @@ def _index_tensor(ctx, node: fx.Node, lay: Layout, index: Any) -> Layout:
     dropped: list[int] = []
     empty: list[int] = []
     within: dict[int, np.ndarray] = {}
+    picked: dict[int, int] = {}
     i = o = 0
     for it in items:
         if it is None:
@@ -97,7 +98,11 @@ def _index_tensor(ctx, node: fx.Node, lay: Layout, index: Any) -> Layout:
                 mapping[i] = o
                 i, o = i + 1, o + 1
         elif isinstance(it, int):
-            dropped.append(i)
+            ax = lay.axis_of(i)
+            if ax is not None and len(ax.dims) > 1 and ax.free not in (None, i):  # Bloom's q|k|v index
+                picked[i] = it % ctx.shape(node.args[0])[i]  # a dim that never shrinks: the index stays right
+            else:
+                dropped.append(i)
             i += 1
         elif isinstance(it, slice):
             size = ctx.shape(node.args[0])[i]
@@ -123,7 +128,12 @@ def _index_tensor(ctx, node: fx.Node, lay: Layout, index: Any) -> Layout:
             for d, positions in within.items():
                 if d in ax.dims:
                     ids = np.take(ids, positions, axis=ax.dims.index(d))
-            axes.append(Axis(ax.dims, ids, ax.free).moved(mapping))
+            dims = ax.dims
+            for d in sorted(set(picked) & set(ax.dims), reverse=True):
+                ids = np.take(ids, picked[d], axis=dims.index(d))
+                dims = tuple(x for x in dims if x != d)
+            free = ax.free if len(dims) > 1 else None
+            axes.append(Axis(dims, ids, free).moved(mapping))
     return Layout(len(ctx.shape(node)), tuple(axes))
 
 

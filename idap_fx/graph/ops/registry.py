@@ -31,6 +31,10 @@ class Rewrite(Protocol):
         """``node``'s output shape after pruning (output ``index`` of a tuple/list output)."""
         ...
 
+    def value(self, arg: Any) -> Any:
+        """The analysis value of an argument (Layout, Dynamic, ...; a constant as itself)."""
+        ...
+
     def kept(self, node: fx.Node, dim: int) -> np.ndarray:
         """Which positions along ``dim`` of ``node``'s (tensor) output survive pruning (bool, old size)."""
         ...

@@ -10,6 +10,7 @@ values along dims (reductions, pooling, softmax, matmul) are in ``mixing``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -139,27 +140,59 @@ def _free_by_args(node: fx.Node):
     return pick
 
 
-def check_size_args(ctx, node: fx.Node, src: Layout, out: Layout) -> None:
+def _foreign_dims(node: fx.Node, value_of: Callable[[Any], Any], src: Layout) -> list[int]:
+    """Size arguments read off channels that are not this tensor's own."""
+    own = set(all_ids(src).tolist())
+    dims = []
+    for d, arg in enumerate(_shape_args(node)):
+        value = value_of(arg)
+        if not isinstance(value, Dynamic) or not value.taint.size:
+            continue
+        if value.shape_of is src or (value.shape_of is None and set(value.taint.tolist()) <= own):
+            continue
+        dims.append(d)
+    return dims
+
+
+def inferable_dim(node: fx.Node, value_of: Callable[[Any], Any], src: Layout, rank: int) -> int | None:
+    """The one view/reshape size read off another tensor (CLIP's ``reshape(b, t, embed_dim)`` with
+    ``embed_dim`` from the residual stream) when no other size is ``-1``: after pruning it is written
+    as ``-1``, which reshape infers exactly, so neither tensor needs to freeze."""
+    args = _shape_args(node)
+    foreign = _foreign_dims(node, value_of, src)
+    if len(args) != rank or len(foreign) != 1 or any(isinstance(a, int) and a == -1 for a in args):
+        return None
+    return foreign[0]
+
+
+def check_size_args(ctx, node: fx.Node, src: Layout, out: Layout, infer: bool = False) -> None:
     """Sizes read off another tensor must not change under pruning unless they follow this one.
 
     ``y.view(b, x.size(1), -1)`` ties ``x``'s channels to ``y``'s: if they are not the
-    same channels, both are frozen rather than letting the two drift apart.
+    same channels, both are frozen rather than letting the two drift apart. With ``infer``
+    (view / reshape) a single such size becomes ``-1`` after pruning instead (``inferable_dim``).
     """
-    own = set(all_ids(src).tolist())
     args = _shape_args(node)
-    for d, arg in enumerate(args):
-        value = ctx.value(arg)
-        if not isinstance(value, Dynamic) or not value.taint.size:
+    skip = inferable_dim(node, ctx.value, src, len(ctx.shape(node))) if infer else None
+    for d in _foreign_dims(node, ctx.value, src):
+        if d == skip:
             continue
-        own_shape = value.shape_of is src
-        own_size = value.shape_of is None and set(value.taint.tolist()) <= own
-        if own_shape or own_size:
-            continue
+        value = ctx.value(args[d])
         ctx.coupling.freeze(value.taint, f"{node.name}: takes a size from another tensor")
         if len(args) == len(ctx.shape(node)) and (ax := out.axis_of(d)) is not None:
             ctx.coupling.freeze(ax.ids, f"{node.name}: size set from another tensor")
         elif len(args) != len(ctx.shape(node)):
             ctx.coupling.freeze(all_ids(out), f"{node.name}: shape set from another tensor")
+
+
+def _size_args(node: fx.Node) -> tuple[list[Any], Callable[[list[Any]], tuple]]:
+    """The size arguments of a view/reshape/expand node, and how to write new ones back."""
+    nested = node.op == "call_method" and len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
+    if node.op == "call_method" and not nested:
+        return list(node.args[1:]), lambda s: (node.args[0], *s)
+    if node.op == "call_method":
+        return list(node.args[1]), lambda s: (node.args[0], type(node.args[1])(s))
+    return list(node.args[1]), lambda s: (node.args[0], type(node.args[1])(s), *node.args[2:])
 
 
 def fix_shape_args(rw: Rewrite, node: fx.Node) -> None:
@@ -168,13 +201,7 @@ def fix_shape_args(rw: Rewrite, node: fx.Node) -> None:
     The analysis lets ops with this fixer take sizes that pruning changes.
     """
     new = rw.shape(node)
-    nested = node.op == "call_method" and len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
-    if node.op == "call_method" and not nested:
-        sizes, rebuild = list(node.args[1:]), lambda s: (node.args[0], *s)
-    elif node.op == "call_method":
-        sizes, rebuild = list(node.args[1]), lambda s: (node.args[0], type(node.args[1])(s))
-    else:
-        sizes, rebuild = list(node.args[1]), lambda s: (node.args[0], type(node.args[1])(s), *node.args[2:])
+    sizes, rebuild = _size_args(node)
     if len(sizes) != len(new):
         return
     changed = [new[d] if isinstance(s, int) and s > 0 and s != new[d] else s for d, s in enumerate(sizes)]
@@ -182,12 +209,21 @@ def fix_shape_args(rw: Rewrite, node: fx.Node) -> None:
         node.args = rebuild(changed)
 
 
-@register("view", "reshape", torch.reshape, fix=fix_shape_args)
+def fix_reshape_args(rw: Rewrite, node: fx.Node) -> None:
+    """``fix_shape_args``, after writing the one size read off another tensor as ``-1`` (``inferable_dim``)."""
+    d = inferable_dim(node, rw.value, rw.value(node.args[0]), len(rw.shape(node)))
+    if d is not None:
+        sizes, rebuild = _size_args(node)
+        node.args = rebuild([-1 if k == d else s for k, s in enumerate(sizes)])
+    fix_shape_args(rw, node)
+
+
+@register("view", "reshape", torch.reshape, fix=fix_reshape_args)
 def _reshape(ctx, node: fx.Node) -> Layout:
     src = node.args[0]
     lay = ctx.layout(src)
     out = reshape_layout(ctx, node, lay, ctx.shape(src), ctx.shape(node), _free_by_args(node))
-    check_size_args(ctx, node, lay, out)
+    check_size_args(ctx, node, lay, out, infer=True)
     return out
 
 
