@@ -190,3 +190,73 @@ def test_integer_index_into_a_fixed_sub_dim_keeps_the_heads() -> None:
     assert pruned.state_dict()["qkv.weight"].shape == (3 * HIDDEN // 2, HIDDEN)
     with torch.no_grad():
         assert rel_err(pruned(x), masked(x)) <= 1e-5 and rel_err(pruned(x), gm(x)) > 1e-3
+
+
+ENCODERS = {  # name -> (config class, model class, config, input names)
+    "opt": ("OPTConfig", "OPTModel", {"ffn_dim": FFN, "word_embed_proj_dim": HIDDEN}, ["input_ids", "attention_mask"]),
+    "bart": ("BartConfig", "BartModel", {"d_model": HIDDEN, "encoder_layers": LAYERS, "decoder_layers": LAYERS,
+             "encoder_attention_heads": HEADS, "decoder_attention_heads": HEADS, "encoder_ffn_dim": FFN,
+             "decoder_ffn_dim": FFN}, ["input_ids", "attention_mask", "decoder_input_ids"]),
+    "t5": ("T5Config", "T5EncoderModel", {"d_model": HIDDEN, "d_kv": HEAD_DIM, "d_ff": FFN, "num_layers": LAYERS,
+           "num_heads": HEADS}, ["input_ids", "attention_mask"]),
+    # interleaved partial rotary: x[..., ::2], x[..., 1::2], stack, flatten over the first rotary_dim of head_dim
+    "gptj": ("GPTJConfig", "GPTJModel", {"n_embd": HIDDEN, "n_head": HEADS, "n_layer": LAYERS, "rotary_dim": 4,
+             "n_positions": 64}, ["input_ids", "attention_mask"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(ENCODERS))
+def test_other_attention_families_prune_heads_exactly(hf: ModuleType, name: str) -> None:
+    """OPT, BART (encoder, decoder and cross attention), T5's encoder and GPT-J: head groups prunable and exact.
+    T5 adds layer 0's relative position bias in every layer, which ties all layers' heads into one group."""
+    from idap_fx.capture.hf import trace_hf
+
+    cfg_cls, model_cls, extra, names = ENCODERS[name]
+    base = {"vocab_size": 64, "max_position_embeddings": 64}
+    if name == "opt":
+        base |= {"hidden_size": HIDDEN, "num_attention_heads": HEADS, "num_hidden_layers": LAYERS}
+    torch.manual_seed(0)
+    model = getattr(hf, model_cls)(getattr(hf, cfg_cls)(**base, **extra)).eval()
+    ids, mask = _inputs(2, 7)
+    x = (ids, mask, ids)[: len(names)]
+    gm = trace_hf(model, names, x)
+    dg = idap_fx.analyze(gm)
+    heads = [g for g in dg.prunable if g.exact and g.size == HEADS]
+    expected = {"opt": LAYERS, "bart": 3 * LAYERS, "t5": 1, "gptj": LAYERS}[name]
+    assert len(heads) == expected, [(g.id, g.size) for g in dg.prunable]
+    plan = {g.id: [1, 3] for g in heads}
+    pruned, masked = idap_fx.prune(gm, plan, dg), idap_fx.mask(gm, plan, dg)
+    with torch.no_grad():
+        assert rel_err(pruned(*x), masked(*x)) <= 1e-4
+        assert rel_err(pruned(*x), gm(*x)) > 1e-3
+
+
+class _BiasedAttention(torch.nn.Module):
+    """Attention with a learned per-head additive bias passed to sdpa as ``attn_mask`` (BEiT-style)."""
+
+    def __init__(self, seq: int) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(HIDDEN, HIDDEN) for _ in range(3))
+        self.out = torch.nn.Linear(HIDDEN, HIDDEN)
+        self.bias = torch.nn.Parameter(torch.randn(HEADS, seq, seq))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, -1, HEAD_DIM).transpose(1, 2) for p in (self.q, self.k, self.v))
+        att = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
+        return self.out(att.transpose(1, 2).reshape(b, t, -1))
+
+
+def test_a_per_head_attention_mask_is_pruned_with_its_heads() -> None:
+    """sdpa's ``attn_mask`` varies per head here: it must lose the same heads (it was ignored by the rule)."""
+    x = torch.randn(2, 5, HIDDEN)
+    gm = idap_fx.trace(_BiasedAttention(5).eval(), x)
+    dg = idap_fx.analyze(gm)
+    heads = _group_of(dg, "q.weight")
+    assert heads.prunable and heads.exact and heads.size == HEADS
+    assert "bias" in {m.param for m in heads.members}
+    plan = {heads.id: [0, 3]}
+    pruned, masked = idap_fx.prune(gm, plan, dg), idap_fx.mask(gm, plan, dg)
+    assert pruned.state_dict()["bias"].shape == (HEADS - 2, 5, 5)
+    with torch.no_grad():
+        assert rel_err(pruned(x), masked(x)) <= 1e-5 and rel_err(pruned(x), gm(x)) > 1e-3

@@ -146,17 +146,22 @@ def _slice_positions(lay: Layout, dim: int, it: slice, size: int, out: int) -> n
 
     Literal bounds on a dim that shrinks (a fused qkv projection cut at ``[:q]``, ``[q:q + k]``,
     ``[q + k:]``) are rewritten by ``fix_slices`` to count the kept positions before them. On a fixed
-    sub-dim of a multi-dim axis (RoPE's halves of head_dim), which never shrinks, any bounds stay
-    valid; bounds computed in the graph are read off the output size: ``[:k]`` keeps the first
+    sub-dim of a multi-dim axis (RoPE's halves of head_dim, GPT-J's even / odd positions), which never
+    shrinks, any literal slice stays valid; bounds computed in the graph are read off the output size: ``[:k]`` keeps the first
     ``out`` positions, ``[k:]`` the last."""
     ax = lay.axis_of(dim)
-    if ax is None or it.step not in (None, 1):
+    if ax is None:
         return None
     shrinks = len(ax.dims) == 1 or ax.free == dim
     if shrinks and _literal(it):
         start, stop, _ = slice(it.start, it.stop).indices(size)
         return np.arange(start, stop) if stop > start else None
     if shrinks or ax.free is None:
+        return None
+    if all(isinstance(b, int) or b is None for b in (it.start, it.stop, it.step)):  # GPT-J's x[..., ::2]
+        positions = np.arange(*it.indices(size))
+        return positions if positions.size else None
+    if it.step not in (None, 1):
         return None
     if it.start in (None, 0):
         return np.arange(out)

@@ -155,5 +155,11 @@ def _sdpa(ctx, node: fx.Node) -> Layout:
     if (ax := lay_q.axis_of(nd - 1)) is not None and ax.dims == (nd - 1,):
         raise ValueError("head_dim itself is prunable; it sets the softmax scale")
     operands = [Operand(lay_q, sq, lq), Operand(ctx.layout(k), sk, lk), Operand(ctx.layout(v), sv, lv)]
+    mask = arg(node, 3, "attn_mask")
+    # an additive bias per head (BEiT's relative positions) couples to the heads (or pins them)
+    if isinstance(mask, fx.Node):
+        sm = ctx.shape(mask)
+        lm = {j: ("S" if j == len(sm) - 1 else nd - len(sm) + j) for j in range(len(sm))}
+        operands.append(Operand(ctx.layout(mask), sm, lm))
     axes = merge(ctx.coupling, node.name, operands, ["E", "S"])
     return to_layout(nd, axes, {d: d for d in range(nd)})
