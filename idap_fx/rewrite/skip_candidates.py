@@ -206,7 +206,10 @@ def _residuals(ix: _GraphIndex) -> list[Candidate]:
             sm, nm = _meta(skip), _meta(n)
             if sm is None or tuple(sm.shape) != tuple(nm.shape) or sm.dtype != nm.dtype:
                 break
-            branch = [m for m in ix.nodes if ix.is_ancestor(skip, m) and (m is out or ix.is_ancestor(m, out))]
+            data = _data_descendants(ix, skip)
+            branch = [
+                m for m in ix.nodes if m in data and m is not skip and (m is out or ix.is_ancestor(m, out))
+            ]
             still_live = _live(ix.roots, cut=(n, out))
             if any(m in still_live for m in branch):
                 break  # part of the branch is used elsewhere: removing it would not erase it
@@ -217,6 +220,34 @@ def _residuals(ix: _GraphIndex) -> list[Candidate]:
             )
             break
     return found
+
+
+_METADATA_ATTRS = frozenset({"dtype", "shape", "device", "ndim", "is_cuda"})
+_METADATA_METHODS = frozenset({"size", "dim", "type", "get_device"})
+
+
+def _reads_metadata(n: fx.Node) -> bool:
+    """``x.dtype``, ``x.shape``, ``x.size()``, ...: what such a node returns does not change when the values of
+    ``x`` do (a skipped branch leaves the stream's dtype and shape as they are)."""
+    if n.op == "call_function" and n.target is getattr and len(n.args) > 1:
+        return n.args[1] in _METADATA_ATTRS
+    return (
+        n.op == "call_method"
+        and n.target in _METADATA_METHODS
+        and not (n.target == "type" and len(n.args) > 1)
+    )
+
+
+def _data_descendants(ix: _GraphIndex, start: fx.Node) -> set[fx.Node]:
+    """Nodes whose values depend on ``start``'s values (not merely its dtype or shape: BERT builds its attention
+    mask from ``embedding_output.dtype``, which must not put the mask into layer 0's branch)."""
+    seen, stack = {start}, [start]
+    while stack:
+        for user in stack.pop().users:
+            if user not in seen and not _reads_metadata(user):
+                seen.add(user)
+                stack.append(user)
+    return seen
 
 
 def _segments(ix: _GraphIndex) -> list[list[fx.Node]]:
