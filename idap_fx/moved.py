@@ -56,7 +56,7 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 def install() -> None:
     """Alias the old paths: loaded modules at once (their names may be package attributes), the rest lazily."""
-    for name, module in list(sys.modules.items()):
+    for name, module in [(k, v) for k, v in sys.modules.items() if k.startswith("idap_fx.")]:
         old = next((o for o, n in MOVED.items() if name == n or name.startswith(n + ".")), None)
         if old is not None:
             sys.modules.setdefault(old + name[len(MOVED[old]) :], module)

@@ -8,7 +8,7 @@ and ``protect``: the fewest weight layers kept fp32 so the deviation fits a budg
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -181,16 +181,16 @@ def protect(
         for n in onnx.load(pre, load_external_data=False).graph.node
         if n.op_type in COMPUTE_OPS and n.name not in keep
     ]
+
+    def deviation_with(fp32: list[str]) -> float:
+        """The output deviation with ``fp32`` (and ``keep``) left unquantized; ``out`` holds that model."""
+        quantize_qdq(pre, out, calib, [*keep, *fp32])
+        return output_deviation(ref, run_outputs(out, holdout))
+
     sens = _sensitivity(pre, out, holdout, nodes)
-    found = _keep_ranked(pre, out, calib, holdout, keep, ref, max_deviation, sens)
-    if found is None:  # local errors did not predict the output's: measure each layer's own effect on it
-        measured = {}
-        for c in nodes:
-            quantize_qdq(pre, out, calib, [*keep, c])
-            measured[c] = base - output_deviation(
-                ref, run_outputs(out, holdout)
-            )  # what keeping it fp32 saves
-        found = _keep_ranked(pre, out, calib, holdout, keep, ref, max_deviation, measured)
+    found = _keep_ranked(deviation_with, max_deviation, sens)
+    if found is None:  # local errors did not predict the output's: measure what keeping each layer fp32 saves
+        found = _keep_ranked(deviation_with, max_deviation, {c: base - deviation_with([c]) for c in nodes})
     if found is None:
         raise BudgetError(
             f"int8 breaks max_deviation={max_deviation} even with {len(nodes) - 1} of {len(nodes)} weight "
@@ -200,22 +200,14 @@ def protect(
 
 
 def _keep_ranked(
-    pre: str,
-    out: str,
-    calib: list[Any],
-    holdout: list[Any],
-    keep: list[str],
-    ref: list[list[np.ndarray]],
-    max_deviation: float,
-    sens: dict[str, float],
+    deviation_with: Callable[[list[str]], float], max_deviation: float, sens: dict[str, float]
 ) -> tuple[float, dict[str, float]] | None:
     """Keep the top 1, 2, 4, ... layers by ``sens`` fp32 (never all) until the budget holds; None if never."""
     ranked = sorted(sens, key=lambda k: -sens[k])
     count = 1
     while count < len(ranked):
         chosen = ranked[:count]
-        quantize_qdq(pre, out, calib, keep + chosen)
-        deviation = output_deviation(ref, run_outputs(out, holdout))
+        deviation = deviation_with(chosen)
         if deviation <= max_deviation:
             return deviation, {k: sens[k] for k in chosen}
         count = min(2 * count, len(ranked) - 1) if count < len(ranked) - 1 else len(ranked)
