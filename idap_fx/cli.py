@@ -28,7 +28,8 @@ from idap_fx.cli_inputs import (
 )
 from idap_fx.deploy.files import check_writable
 from idap_fx.errors import AnalysisError, BudgetError, ExportError, IdapError, TraceError
-from idap_fx.options import ALLOCATOR, MIN_KEEP, ROUND_TO, Goal, PruneOptions
+from idap_fx.method.compensation import MODES as COMPENSATIONS
+from idap_fx.options import ALLOCATOR, COMPENSATION, MIN_KEEP, ROUND_TO, Goal, PruneOptions
 
 __all__ = ["UsageError", "load_calibration", "load_model", "main"]
 
@@ -141,6 +142,12 @@ def _parser() -> argparse.ArgumentParser:
     job.add_argument("--round-to", type=_positive_int, default=ROUND_TO, help="keep widths multiples of this")
     job.add_argument("--allocator", choices=sorted(ALLOCATORS), default=ALLOCATOR, help="who loses units")
     job.add_argument(
+        "--compensation",
+        choices=[*COMPENSATIONS, "none"],
+        default=COMPENSATION,
+        help="what a pruned layer's consumers absorb (no training)",
+    )
+    job.add_argument(
         "--min-keep", type=_share, default=MIN_KEEP, help="floor: fraction of each original width"
     )
     job.add_argument(
@@ -246,6 +253,7 @@ def _optimize(args: argparse.Namespace) -> int:
         round_to=args.round_to,
         ignored_layers=args.ignore,
         allocator=args.allocator,
+        compensation=False if args.compensation == "none" else args.compensation,
         min_keep=args.min_keep,
         max_prune_ratio=args.max_prune_ratio,
         opset=getattr(args, "opset", None),

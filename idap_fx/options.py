@@ -38,6 +38,8 @@ MIN_KEEP = 0.25
 ROUND_TO = 8
 """Default width alignment, shared by the API, the CLI and the demo: ONNX Runtime's convolutions run
 fastest on widths that are multiples of 8 (``bench/latency.py``)."""
+COMPENSATION = "mean"
+"""What ``compensation=True`` runs after every stage-1 step (``idap_fx.method.compensation``)."""
 
 
 def _is_number(value: Any) -> bool:
@@ -169,18 +171,27 @@ class Goal(Options):
 class Recovery(Options):
     """How a pruned model is repaired after each accepted change.
 
-    ``compensation`` (stage 1 only) folds the removed channels' mean contribution into the
-    next layer's bias; it runs first, then ``fine_tune(model, teacher)`` if given, else
+    ``compensation`` (stage 1 only; ``True`` = ``COMPENSATION``, or ``"mean"`` /
+    ``"least_squares"``, see ``idap_fx.method.compensation``) folds what the removed channels
+    carried into the next layers; it runs first, then ``fine_tune(model, teacher)`` if given, else
     distillation on ``train_loader`` (``distill_steps`` batches; all of it when None).
     """
 
-    compensation: bool = True
+    compensation: bool | str = True
     fine_tune: Callable[[Any, Any], Any] | None = None
     train_loader: Iterable[Any] | None = None
     distill_steps: int | None = None
 
     def validate(self) -> None:
-        _bool("compensation", self.compensation)
+        from idap_fx.method.compensation import MODES
+
+        _check(
+            isinstance(self.compensation, bool)
+            or (isinstance(self.compensation, str) and self.compensation in MODES),
+            "compensation",
+            f"True, False or one of {list(MODES)}",
+            self.compensation,
+        )
         _optional_callable("fine_tune", self.fine_tune)
         loader = self.train_loader
         _check(
@@ -191,6 +202,11 @@ class Recovery(Options):
         )
         if self.distill_steps is not None:
             _int_at_least("distill_steps", self.distill_steps, 1)
+
+    @property
+    def compensation_mode(self) -> str:
+        """The compensation that runs (``True`` means the default, ``COMPENSATION``)."""
+        return COMPENSATION if self.compensation is True else str(self.compensation)
 
     @property
     def trains(self) -> bool:

@@ -1,9 +1,6 @@
 """Recovery after a pruning step (method notes §5), never worse than no recovery on held-out data.
 
-* ``compensate`` — retraining-free: the mean contribution of every removed input channel
-  of a conv (groups = 1) or linear consumer is folded into that consumer's bias, so the
-  layer's expected output is unchanged (FLAP's bias compensation). Needs no data beyond
-  the calibration statistics already streamed for scoring.
+* retraining-free compensation runs first (``idap_fx.method.compensation``).
 * ``distill`` — the built-in recipe when a training loader is given: the previous step's
   model is the teacher; loss = KL to the teacher's soft outputs for logits (plus
   cross-entropy when the batches carry labels; MSE on every output tensor for non-logit
@@ -46,59 +43,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from idap_fx.errors import DivergedError, IdapError
-from idap_fx.graph.dependency import DependencyGraph, Plan
-from idap_fx.method.channel_stats import Site, batch_args
+from idap_fx.method.channel_stats import batch_args
 from idap_fx.method.collective import reducer
 from idap_fx.method.distill_features import StudentWithAdapters, adapter, feature_nodes, node_shape, tap
-
-
-def compensate(
-    before: fx.GraphModule, after: fx.GraphModule, dg: DependencyGraph, plan: Plan, sites: list[Site]
-) -> int:
-    """Fold removed channels' mean input into consumers' biases of ``after``; return layers changed."""
-    removed = dg.removed_elements(plan)
-    nodes = {n.name: n for n in before.graph.nodes}
-    site_of = {(s.node, s.slot.numel()): s for s in sites if not s.probe}
-    changed = 0
-    for m in dg.members:
-        node = nodes.get(m.node)
-        if m.role != "in" or m.dim != 1 or node is None or node.op != "call_module":
-            continue
-        mod = before.get_submodule(node.target)
-        if (
-            not isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
-            or getattr(mod, "groups", 1) != 1
-        ):
-            continue
-        arg = node.args[0]
-        layout = dg.layouts.get(arg.name) if isinstance(arg, fx.Node) else None
-        site = site_of.get((arg.name, mod.weight.shape[1])) if layout is not None else None
-        channel_dim = (
-            1 if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else getattr(layout, "ndim", 0) - 1
-        )
-        axis = None if layout is None else layout.axis_of(channel_dim)
-        if site is None or axis is None or axis.ids.size != mod.weight.shape[1]:
-            continue
-        gone = torch.from_numpy(removed[axis.ids.ravel()])
-        if not gone.any():
-            continue
-        w = mod.weight.detach().double()
-        w_in = w.sum(dim=tuple(range(2, w.dim()))) if w.dim() > 2 else w
-        delta = w_in[:, gone] @ site.channel_mean()[gone]
-        out_member = next(
-            (o for o in dg.members if o.node == m.node and o.role == "out" and o.dim == 0), None
-        )
-        if out_member is not None:
-            delta = delta[torch.from_numpy(~removed[out_member.ids])]
-        target = after.get_submodule(node.target)
-        delta = delta.to(target.weight.dtype)
-        with torch.no_grad():
-            if target.bias is None:
-                target.bias = nn.Parameter(delta.clone())
-            else:
-                target.bias.add_(delta)
-        changed += 1
-    return changed
 
 
 def train_with_frozen_batchnorm(model: nn.Module) -> None:
@@ -391,7 +338,6 @@ def _distill_loss(
 
 __all__ = [
     "RecoveryRecord",
-    "compensate",
     "distill",
     "feature_nodes",
     "held_out_loss",

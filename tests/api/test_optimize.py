@@ -14,7 +14,7 @@ import idap_fx
 from idap_fx.errors import BudgetError, IdapError
 from idap_fx.method.allocate import select_units
 from idap_fx.method.budget import Budget
-from idap_fx.method.recovery import compensate
+from idap_fx.method.compensation import compensate
 from idap_fx.method.scoring import ScoringContext, get_importance
 from idap_fx.metrics import count_macs
 
