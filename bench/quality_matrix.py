@@ -51,7 +51,7 @@ from torch import nn
 import idap_fx
 from idap_fx.method.recovery import train_with_frozen_batchnorm
 from idap_fx.metrics import count_macs
-from idap_fx.options import PruneOptions
+from idap_fx.options import PruneOptions, Recovery
 
 MODELS = ("digits", "mobile-digits", "mobilenet_v2", "minilm")
 ALLOCATORS = ("global", "group", "cost", "sensitivity")
@@ -280,6 +280,7 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
         k: getattr(opts, k) for k in ("allocator", "min_keep", "round_to", "importance", "max_prune_ratio")
     }
     defaults["passes"] = None
+    defaults["compensation"] = Recovery().compensation_mode
     return {k: getattr(args, k) for k in keys} | {
         "quick": args.quick, "torch": torch.__version__, "idap_fx_defaults": defaults, "tp_round_to": TP_ROUND_TO,
     }  # fmt: skip
