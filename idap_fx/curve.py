@@ -1,8 +1,10 @@
 """The accuracy–latency curve from one ``optimize`` run: every accepted step is a point.
 
 ``optimize(..., keep_snapshots=True)`` records each accepted stage-1 step's plan and each
-accepted stage-2 removal, not a copy of the model. Stage-1 recovery (bias compensation)
-changes biases, so a step also stores the parameters recovery changed (the compensated
+accepted stage-2 removal, not a copy of the model. Stage-1 compensation changes the
+consumers of what a step removed: least-squares compensation is re-run when a step is
+replayed (it is a function of the model before the step and the calibration data), and a
+step stores only the parameters replaying would not reproduce (``mean`` compensation's
 biases: a few KB; measured by ``Snapshots.nbytes``). Replaying the records on a fresh trace
 of the original (as ``optimize`` makes its working copy) rebuilds any point with the same
 weights, holding one model at a time.
@@ -34,6 +36,7 @@ from idap_fx.capture.trace import trace
 from idap_fx.errors import BudgetError, IdapError
 from idap_fx.graph.analysis import analyze
 from idap_fx.method.allocate import OriginalWidths
+from idap_fx.method.compensation import compensate
 from idap_fx.rewrite.surgery import prune
 
 __all__ = ["CurvePoint", "Snapshot", "Snapshots", "measure_curve", "ship_fastest", "write_curve"]
@@ -49,6 +52,7 @@ class Snapshot:
     params: dict[str, torch.Tensor] = field(default_factory=dict)
     candidate: Any = None  # idap_fx.rewrite.skip_candidates.Candidate
     fit: torch.Tensor | None = None  # a stage-2 projection's fitted weights
+    refit: str | None = None  # compensation re-run on replay ("least_squares")
 
 
 @dataclass
@@ -85,21 +89,25 @@ class Snapshots:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of tensors the records hold (compensated biases, stage-2 fits)."""
+        """Bytes of tensors the records hold (mean-compensated biases, stage-2 fits)."""
         own = [t for s in self.items for t in [*s.params.values(), s.fit] if t is not None]
         return sum(t.numel() * t.element_size() for t in own)
 
     def on_prune(
         self, step: int, before: fx.GraphModule, dg: Any, plan: dict, after: fx.GraphModule, metrics: tuple
     ) -> None:
-        """Stage-1 hook: the plan, and every parameter recovery changed relative to the plain prune."""
-        plain = dict(prune(before, plan, dg).named_parameters())
+        """Stage-1 hook: the plan, and every parameter recovery changed that replaying would not redo."""
+        rec = self.ctx.recovery
+        refit = "least_squares" if rec.compensation and rec.compensation_mode == "least_squares" else None
+        replayed = self._step(before, dg, plan, refit)
+        plain = dict(replayed.named_parameters())
         changed = {
             k: v.detach().clone()
             for k, v in after.named_parameters()
             if k not in plain or plain[k].shape != v.shape or not torch.equal(plain[k], v)
         }
-        self.items.append(Snapshot("prune_channels", step, {g: list(v) for g, v in plan.items()}, changed))
+        plan = {g: list(v) for g, v in plan.items()}
+        self.items.append(Snapshot("prune_channels", step, plan, changed, refit=refit))
         self.metrics.append(metrics)
 
     def on_skip(self, candidate: Any, fit: torch.Tensor | None, metrics: tuple) -> None:
@@ -108,6 +116,13 @@ class Snapshots:
         self.items.append(Snapshot("skip_layers", len(self.items), candidate=candidate, fit=fit))
         self.metrics.append(metrics)
 
+    def _step(self, before: fx.GraphModule, dg: Any, plan: dict, refit: str | None) -> fx.GraphModule:
+        """``before`` pruned by ``plan``, and compensated when the run's compensation is re-run."""
+        after = prune(before, plan, dg)
+        if refit is not None:
+            compensate(before, after, dg, plan, (), refit, self.ctx.calibration)
+        return after
+
     def replay(self, original: fx.GraphModule, upto: int | None = None) -> Iterator[fx.GraphModule]:
         """The models after 0, 1, ... ``upto`` snapshots, one at a time (the previous one is dropped)."""
         current = trace(original, self.inputs)
@@ -115,7 +130,7 @@ class Snapshots:
         shaped = False
         for s in self.items[:upto]:
             if s.stage == "prune_channels":
-                current = prune(current, s.plan, analyze(current))
+                current = self._step(current, analyze(current), s.plan, s.refit)
                 for name, value in s.params.items():
                     owner, _, attr = name.rpartition(".")
                     setattr(current.get_submodule(owner), attr, nn.Parameter(value.clone()))

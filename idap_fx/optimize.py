@@ -214,7 +214,7 @@ def optimize(
     goal_, recovery_, chosen = resolve_options(goal, recovery, passes, options)
     if keep_snapshots and recovery_.trains:
         raise IdapError(
-            "keep_snapshots replays plans and compensated biases; training recovery (fine_tune / "
+            "keep_snapshots replays plans and compensation; training recovery (fine_tune / "
             "train_loader) changes every weight, so its steps cannot be replayed without model copies"
         )
     phases: dict[str, float] = {}

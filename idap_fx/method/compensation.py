@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from idap_fx.errors import IdapError
 from idap_fx.graph.dependency import DependencyGraph, Plan
 from idap_fx.method.channel_stats import Site, batch_args
 from idap_fx.method.collective import reducer
@@ -44,12 +45,17 @@ class Consumer:
 
 
 def consumers(
-    before: fx.GraphModule, dg: DependencyGraph, plan: Plan, sites: Sequence[Site]
+    before: fx.GraphModule, dg: DependencyGraph, plan: Plan, sites: Sequence[Site] | None = None
 ) -> list[Consumer]:
-    """The conv (groups = 1) / linear layers of ``before`` that lose input channels under ``plan``."""
+    """The conv (groups = 1) / linear layers of ``before`` that lose input channels under ``plan``.
+
+    With ``sites`` (``mean``): only layers whose input has streamed statistics, with their means.
+    Without (``least_squares`` measures its own): every such layer, so the choice depends on the
+    graph alone and replaying a step (``idap_fx.curve``) finds the same layers.
+    """
     removed = dg.removed_elements(plan)
     nodes = {n.name: n for n in before.graph.nodes}
-    site_of = {(s.node, s.slot.numel()): s for s in sites if not s.probe}
+    site_of = {(s.node, s.slot.numel()): s for s in sites or () if not s.probe}
     found = []
     for m in dg.members:
         node = nodes.get(m.node)
@@ -64,14 +70,15 @@ def consumers(
         site = site_of.get((arg.name, mod.weight.shape[1])) if layout is not None else None
         channel_dim = 1 if conv else getattr(layout, "ndim", 0) - 1
         axis = None if layout is None else layout.axis_of(channel_dim)
-        if site is None or axis is None or axis.ids.size != mod.weight.shape[1]:
+        if (sites is not None and site is None) or axis is None or axis.ids.size != mod.weight.shape[1]:
             continue
         gone = torch.from_numpy(removed[axis.ids.ravel()])
         if not gone.any():
             continue
         out = next((o for o in dg.members if o.node == m.node and o.role == "out" and o.dim == 0), None)
         rows = None if out is None else torch.from_numpy(~removed[out.ids])
-        found.append(Consumer(str(node.target), gone, rows, site.channel_mean(), channel_dim))
+        mean = site.channel_mean() if site is not None else torch.zeros(0, dtype=torch.float64)
+        found.append(Consumer(str(node.target), gone, rows, mean, channel_dim))
     return found
 
 
@@ -84,22 +91,22 @@ def compensate(
     mode: str = "mean",
     batches: Sequence[Any] = (),
 ) -> int:
-    """Fold removed inputs into the consumers of ``after`` (``mode`` as above); return layers changed."""
-    found = consumers(before, dg, plan, sites)
-    if mode == "least_squares" and batches:
+    """Fold removed inputs into the consumers of ``after`` (``mode`` as above); return layers changed.
+
+    ``least_squares`` reads ``batches`` (the calibration batches), ``mean`` the ``sites``.
+    """
+    if mode == "least_squares":
+        if not batches:
+            raise IdapError("least-squares compensation needs calibration batches")
+        found = consumers(before, dg, plan)
         for chunk in _chunks(before, found):
             for c, moments in zip(chunk, _moments(before, chunk, batches), strict=True):
                 _fold(before, after, c, *_regression(c, *moments))
         return len(found)
+    found = consumers(before, dg, plan, sites)
     for c in found:
-        keep = ~c.gone
-        _fold(
-            before,
-            after,
-            c,
-            torch.zeros(int(c.gone.sum()), int(keep.sum()), dtype=torch.float64),
-            c.mean[c.gone],
-        )
+        none = torch.zeros(int(c.gone.sum()), int((~c.gone).sum()), dtype=torch.float64)
+        _fold(before, after, c, none, c.mean[c.gone])
     return len(found)
 
 

@@ -77,10 +77,19 @@ def test_curve_point_equals_separate_runs() -> None:
     for t in (0.7, 0.5, 0.3):
         separate = idap_fx.optimize(model, x, target_macs=t, **kw, allocator=snaps.allocator)
         _same(res.at(target_macs=t), separate.model)
-    # the records hold plans and compensated biases, not models
+    # the records hold plans, not models: least-squares compensation is re-run on replay
+    assert all(s.refit == "least_squares" and not s.params for s in snaps.items if s.stage == "prune_channels")
+
+
+def test_mean_compensation_is_stored_as_biases() -> None:
+    model, x, cal, kw = _setup()
+    kw |= {"passes": ["prune_channels"], "allocator": "group", "compensation": "mean"}
+    res = idap_fx.optimize(model, x, target_macs=0.5, keep_snapshots=True, **kw)
+    snaps = res.snapshots
+    _same(snaps.model(res.original, len(snaps.items)), res.model)
     weights = sum(p.numel() * p.element_size() for p in res.original.parameters())
     assert 0 < snaps.nbytes < 0.1 * weights, (snaps.nbytes, weights)
-    assert all(v.dim() == 1 for s in snaps.items for v in s.params.values())
+    assert all(v.dim() == 1 and s.refit is None for s in snaps.items for v in s.params.values())
 
 
 @pytest.mark.slow

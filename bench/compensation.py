@@ -1,0 +1,84 @@
+"""One-shot quality of each compensation mode (and ridge) on the quality matrix's models, no training.
+
+``optimize(target_macs=t, budget=None, compensation=mode)`` with every other option at its
+default, on the data splits of ``quality_matrix.py`` (``_matrix_tasks``): DigitsNet and
+MobileDigitsNet (test accuracy, per seed), ImageNet MobileNetV2 (top-1 agreement with the
+unpruned model on unseen photos, 128 px, 32 calibration views) and all-MiniLM-L6-v2
+(cosine × 100 on held-out sentences). ``--ridge`` sets ``compensation.RIDGE`` (relative to
+the kept inputs' mean variance). Rows are appended to ``--out`` as they finish.
+
+    .venv/bin/python bench/compensation.py --models DigitsNet MobileDigitsNet --seeds 0 1
+    .venv/bin/python bench/compensation.py --models mobilenet_v2 --targets 0.7 --modes least_squares --ridge 1e-3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from _data import RESULTS
+from _matrix_tasks import Task, digits_task, minilm_task, mobilenet_task
+
+import idap_fx
+from idap_fx.method import compensation
+from idap_fx.metrics import count_macs
+
+MODELS = ("DigitsNet", "MobileDigitsNet", "mobilenet_v2", "minilm")
+
+
+def task_for(name: str, seed: int) -> Task:
+    """The matrix's task (the digits models are trained here per seed)."""
+    if name == "mobilenet_v2":
+        return mobilenet_task(128, 32, 64)
+    if name == "minilm":
+        return minilm_task(4, 256)
+    return digits_task(name, seed, 8)
+
+
+def run(task: Task, target: float, mode: str, seed: int) -> dict[str, Any]:
+    """One one-shot result."""
+    t0 = time.perf_counter()
+    res = idap_fx.optimize(task.model, task.example, calibration=task.calib, target_macs=target, budget=None,
+                           quiet=True, strict=False, seed=seed, compensation=mode)  # fmt: skip
+    macs0 = count_macs(task.model, task.example)
+    return {
+        "metric": task.metric(task.model, res.model, task.test),
+        "macs_ratio": count_macs(res.model, task.example) / macs0,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the requested cells and append them to ``--out``."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["DigitsNet", "MobileDigitsNet"], choices=MODELS)
+    p.add_argument("--targets", type=float, nargs="+", default=[0.7, 0.5, 0.3])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--modes", nargs="+", default=list(compensation.MODES), choices=compensation.MODES)
+    p.add_argument("--ridge", type=float, default=compensation.RIDGE)
+    p.add_argument("--out", default=str(RESULTS / "compensation.json"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    compensation.RIDGE = args.ridge
+    out = Path(args.out)
+    saved = json.loads(out.read_text()) if out.exists() else {"rows": []}
+    for name in args.models:
+        for seed in args.seeds if "Digits" in name else [0]:
+            task = task_for(name, seed)
+            for target in args.targets:
+                for mode in args.modes:
+                    row = {"model": name, "seed": seed, "target": target, "mode": mode, "ridge": args.ridge}
+                    row |= run(task, target, mode, seed)
+                    saved["rows"].append(row)
+                    out.write_text(json.dumps(saved, indent=1))
+                    print(f"{name} seed {seed} {target}: {mode} (ridge {args.ridge:g}) {row['metric']:.1f} "
+                          f"MACs {row['macs_ratio']:.3f} {row['seconds']:.0f} s", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
