@@ -62,7 +62,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--modes", nargs="+", default=list(compensation.MODES), choices=compensation.MODES)
     p.add_argument("--ridge", type=float, default=compensation.RIDGE)
     p.add_argument("--out", default=str(RESULTS / "compensation.json"))
+    p.add_argument("--render", action="store_true", help="only rewrite the .md from --out")
     args = p.parse_args(argv)
+    if args.render:
+        render(json.loads(Path(args.out).read_text()), Path(args.out).with_suffix(".md"))
+        return
     torch.set_num_threads(1)
     compensation.RIDGE = args.ridge
     out = Path(args.out)
@@ -78,6 +82,39 @@ def main(argv: Sequence[str] | None = None) -> None:
                     out.write_text(json.dumps(saved, indent=1))
                     print(f"{name} seed {seed} {target}: {mode} (ridge {args.ridge:g}) {row['metric']:.1f} "
                           f"MACs {row['macs_ratio']:.3f} {row['seconds']:.0f} s", flush=True)  # fmt: skip
+    render(saved, out.with_suffix(".md"))
+
+
+def render(saved: dict[str, Any], path: Path) -> None:
+    """Mean vs least squares (the default ridge) per cell, then each ridge over the cells all ridges ran."""
+    rows = saved["rows"]
+    cells = sorted(
+        {(r["model"], r["seed"], r["target"]) for r in rows}, key=lambda c: (MODELS.index(c[0]), c[1], -c[2])
+    )
+
+    def value(cell: tuple, mode: str, ridge: float | None) -> float | None:
+        hits = [r["metric"] for r in rows if (r["model"], r["seed"], r["target"]) == cell and r["mode"] == mode
+                and (mode == "mean" or r["ridge"] == ridge)]  # fmt: skip
+        return hits[-1] if hits else None
+
+    lines = ["# One-shot quality by compensation mode (no training)", "", saved.get("source", ""), "",
+             f"| model | seed | MACs | mean | least squares (ridge {compensation.RIDGE:g}) |", "|---|---|---|---|---|"]  # fmt: skip
+    for cell in cells:
+        m, ls = value(cell, "mean", None), value(cell, "least_squares", compensation.RIDGE)
+        fmt = lambda v: "—" if v is None else f"{v:.1f}"  # noqa: E731
+        lines.append(f"| {cell[0]} | {cell[1]} | {cell[2]:.0%} | {fmt(m)} | {fmt(ls)} |")
+    ridges = sorted({r["ridge"] for r in rows if r["mode"] == "least_squares"})
+    common = [c for c in cells if all(value(c, "least_squares", g) is not None for g in ridges)]
+    if len(ridges) > 1 and common:
+        lines += ["", f"Ridge sweep over the {len(common)} cells every ridge ran:", "",
+                  "| ridge | " + " | ".join(f"{c[0]} s{c[1]} {c[2]:.0%}" for c in common) + " | mean |",
+                  "|---" * (len(common) + 2) + "|"]  # fmt: skip
+        for g in ridges:
+            vals = [value(c, "least_squares", g) or 0.0 for c in common]
+            lines.append(
+                f"| {g:g} | " + " | ".join(f"{v:.1f}" for v in vals) + f" | {sum(vals) / len(vals):.1f} |"
+            )
+    path.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
