@@ -162,6 +162,8 @@ class LayoutProp(fx.Interpreter):
 
 
 _SHAPE_FREE = {"dim", "ndimension", "dtype", "device", "is_cuda", "ndim", "requires_grad", "get_device"}
+# calls whose non-tensor result (None) depends on no channel: timm's resolve_self_attn_mask(n, scores, None, False)
+_NONE_CALLS = {"resolve_self_attn_mask"}
 
 
 def _size_value(n: fx.Node, env: dict[fx.Node, Any]) -> Dynamic:
@@ -185,6 +187,8 @@ def _size_value(n: fx.Node, env: dict[fx.Node, Any]) -> Dynamic:
     ):
         d = args[1] + first.shape_of.ndim if args[1] < 0 else args[1]
         return Dynamic(n, dim_ids(first.shape_of, d), size_of=(first.shape_of, d))
+    if name in _NONE_CALLS and n.meta.get("tensor_meta", None) is None:
+        return Dynamic(n)
     taints: list[np.ndarray] = []
     for a in n.all_input_nodes:
         v = env[a]

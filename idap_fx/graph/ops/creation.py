@@ -22,3 +22,14 @@ FACTORIES = (
 @register(*FACTORIES)
 def _factory(ctx, node: fx.Node) -> Layout:
     return Layout(len(ctx.shape(node)))
+
+
+@register("timm.layers.attention.resolve_self_attn_mask")
+def _mask_from_shape(ctx, node: fx.Node) -> Layout:
+    """timm's ``resolve_self_attn_mask(n, scores, attn_mask, is_causal)``: a causal mask built from ``n``
+    (the scores lend dtype and device only) or the given mask; declined when that mask carries channels."""
+    given = node.args[2] if len(node.args) > 2 else node.kwargs.get("attn_mask")
+    value = ctx.value(given) if isinstance(given, fx.Node) else None
+    if isinstance(value, Layout) and value.axes:
+        raise ValueError("the given mask carries channels")
+    return Layout(len(ctx.shape(node)))

@@ -44,10 +44,11 @@ METHODS = (
     "masked_fill", "masked_fill_", "where", "maximum", "minimum", "erf", "sign", "nan_to_num",
     "expand_as", "bool", "long", "int", "eq", "ne", "lt", "le", "gt", "ge", "logical_not", "logical_and", "logical_or",
 )  # fmt: skip
+WRAPPED = ("timm.layers.attention.maybe_add_mask",)  # ``scores`` (+ ``attn_mask`` when given)
 
 
 @register_tag(torch.Tag.pointwise)
-@register(*UNARY_MODULES, *FUNCTIONS, *METHODS)
+@register(*UNARY_MODULES, *FUNCTIONS, *METHODS, *WRAPPED)
 def _elementwise(ctx, node: fx.Node) -> Layout:
     """Couple every tensor input, broadcast from the right, into the output's dims."""
     out = ctx.shape(node)

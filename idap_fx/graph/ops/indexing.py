@@ -12,6 +12,7 @@ import operator
 from typing import Any
 
 import numpy as np
+import torch
 from torch import fx
 
 from idap_fx.graph.layout import Axis, Dynamic, Layout
@@ -114,6 +115,9 @@ def _index_tensor(ctx, node: fx.Node, lay: Layout, index: Any) -> Layout:
                     (empty if stays_empty(it.start, size) else dropped).append(i)
             mapping[i] = o
             i, o = i + 1, o + 1
+        elif _gather_index(it, items):  # a table read by an index tensor (relative position bias)
+            dropped.append(i)  # channels on the gathered dim freeze; the dims after it shift
+            i, o = i + 1, o + len(it.meta["tensor_meta"].shape)
         else:
             raise ValueError(f"unsupported index {type(it).__name__}")
     while i < lay.ndim:
@@ -135,6 +139,18 @@ def _index_tensor(ctx, node: fx.Node, lay: Layout, index: Any) -> Layout:
             free = ax.free if len(dims) > 1 else None
             axes.append(Axis(dims, ids, free).moved(mapping))
     return Layout(len(ctx.shape(node)), tuple(axes))
+
+
+def _gather_index(it: Any, items: list[Any]) -> bool:
+    """``it`` is the only tensor in ``items`` and holds integer positions (its dims replace the one it reads)."""
+    meta = it.meta.get("tensor_meta") if isinstance(it, fx.Node) else None
+    tensors = [x for x in items if isinstance(x, fx.Node)]
+    return (
+        is_tensor_meta(meta)
+        and not meta.dtype.is_floating_point
+        and meta.dtype != torch.bool
+        and len(tensors) == 1
+    )
 
 
 def _literal(it: slice) -> bool:
@@ -168,3 +184,27 @@ def _slice_positions(lay: Layout, dim: int, it: slice, size: int, out: int) -> n
     if it.stop is None or isinstance(it.stop, int) and it.stop >= size:
         return np.arange(size - out, size)
     return None
+
+
+@register("unbind", torch.unbind)
+def _unbind(ctx, node: fx.Node) -> tuple[Layout, ...]:
+    """``x.unbind(dim)``: output k is ``x`` indexed by k along ``dim``. On a fixed sub-dim of a multi-dim
+    axis (timm's fused ``qkv.reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)``) every
+    output keeps whole units; channels on any other ``dim`` freeze."""
+    lay = ctx.layout(node.args[0])
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    dim = dim + lay.ndim if dim < 0 else dim
+    mapping = {d: d - (d > dim) for d in range(lay.ndim) if d != dim}
+    outs: list[list[Axis]] = [[] for _ in range(ctx.shape(node.args[0])[dim])]
+    for ax in lay.axes:
+        if dim not in ax.dims:
+            for axes in outs:
+                axes.append(ax.moved(mapping))
+        elif len(ax.dims) > 1 and ax.free not in (None, dim):
+            dims = tuple(x for x in ax.dims if x != dim)
+            for k, axes in enumerate(outs):
+                ids = np.take(ax.ids, k, axis=ax.dims.index(dim))
+                axes.append(Axis(dims, ids, ax.free if len(dims) > 1 else None).moved(mapping))
+        else:
+            ctx.coupling.freeze(ax.ids, f"{node.name}: unbinds channels")
+    return tuple(Layout(lay.ndim - 1, tuple(axes)) for axes in outs)

@@ -30,7 +30,7 @@ def _cat(ctx, node: fx.Node) -> Layout:
     for k, (t, ax) in enumerate(zip(tensors, cut, strict=True)):
         lay, shape = ctx.layout(t), ctx.shape(t)
         rest = tuple(a for a in lay.axes if a is not ax)
-        if within is not None:
+        if within is not None or all(a is None for a in cut):
             pass
         elif ax is not None and len(ax.dims) == 1:
             pieces.append(ax.ids)
@@ -42,6 +42,8 @@ def _cat(ctx, node: fx.Node) -> Layout:
             pieces.append(fresh)
         operands.append(Operand(Layout(nd, rest), shape, {d: d for d in range(nd) if d != dim}))
     lay = to_layout(nd, merge(ctx.coupling, node.name, operands), {d: d for d in range(nd) if d != dim})
+    if all(ax is None for ax in cut):  # no piece has channels there (a class token joining the patches)
+        return lay
     if within is not None:
         return Layout(nd, (*lay.axes, _join_units(ctx, node, within, dim)))
     return Layout(nd, (*lay.axes, Axis((dim,), np.concatenate(pieces))))

@@ -56,16 +56,21 @@ class Rule:
 MODULE_RULES: dict[type, Rule] = {}
 FUNCTION_RULES: dict[Callable, Rule] = {}
 METHOD_RULES: dict[str, Rule] = {}
+# third-party functions a tracer keeps as calls (``torch.fx.wrap``), by "module.qualname": no import needed
+NAMED_FUNCTION_RULES: dict[str, Rule] = {}
 TAG_RULES: dict[torch.Tag, Rule] = {}  # ATen overloads without a rule of their own, by tag (pointwise)
 
 
 def register(*keys: type | Callable | str, fix: Fixer | None = None) -> Callable[[Propagate], Propagate]:
-    """Decorator: register ``fn`` as the rule for every key (module type, function or method name)."""
+    """Decorator: register ``fn`` as the rule for every key (module type, function, method name, or a
+    third-party function's dotted ``module.qualname``)."""
 
     def deco(fn: Propagate) -> Propagate:
         for key in keys:
             rule = Rule(fn.__name__.lstrip("_"), fn, fix)
-            if isinstance(key, str):
+            if isinstance(key, str) and "." in key:
+                NAMED_FUNCTION_RULES[key] = rule
+            elif isinstance(key, str):
                 METHOD_RULES[key] = rule
             elif isinstance(key, type):
                 MODULE_RULES[key] = rule
@@ -97,6 +102,9 @@ def lookup(node: fx.Node, gm: fx.GraphModule) -> Rule | None:
         rule = FUNCTION_RULES.get(node.target)
         if rule is None and isinstance(node.target, torch._ops.OpOverload):
             rule = next((TAG_RULES[t] for t in node.target.tags if t in TAG_RULES), None)
+        if rule is None:
+            name = f"{getattr(node.target, '__module__', '')}.{getattr(node.target, '__qualname__', '')}"
+            rule = NAMED_FUNCTION_RULES.get(name)
         return rule
     if node.op == "call_method":
         return METHOD_RULES.get(node.target)

@@ -129,15 +129,39 @@ def _shape_args(node: fx.Node) -> list[Any]:
 
 
 def _free_by_args(node: fx.Node):
-    """Prefer the output dim whose size is computed in the graph (it adapts), else the outermost."""
+    """Prefer the output dim whose size is computed in the graph (it adapts), else the outermost one
+    that is not unbound later (timm's ``reshape(B, N, 3, heads, head_dim)``: the 3 is q|k|v)."""
     args = _shape_args(node)
     aligned = len(args) == len(node.meta["tensor_meta"].shape)
 
     def pick(dims: list[int]) -> int:
         dynamic = [d for d in dims if aligned and isinstance(args[d], fx.Node)]
-        return dynamic[0] if len(dynamic) == 1 else dims[0]
+        if len(dynamic) == 1:
+            return dynamic[0]
+        return next((d for d in dims if not unbound_later(node, d)), dims[0])
 
     return pick
+
+
+def unbound_later(node: fx.Node, dim: int, depth: int = 4) -> bool:
+    """Whether ``dim`` of ``node`` reaches an ``unbind`` through at most ``depth`` permutes / transposes."""
+    for user in node.users:
+        name = user.target if user.op == "call_method" else getattr(user.target, "__name__", "")
+        rest = list(user.args[1:])
+        if name == "unbind":
+            if (rest[0] if rest else user.kwargs.get("dim", 0)) % len(node.meta["tensor_meta"].shape) == dim:
+                return True
+        elif depth and name == "permute":
+            order = [d % len(rest[0] if isinstance(rest[0], (list, tuple)) else rest) for d in
+                     (rest[0] if isinstance(rest[0], (list, tuple)) else rest)]  # fmt: skip
+            if unbound_later(user, order.index(dim), depth - 1):
+                return True
+        elif depth and name == "transpose" and len(rest) == 2:
+            nd = len(node.meta["tensor_meta"].shape)
+            a, b = (r % nd for r in rest)
+            if unbound_later(user, {a: b, b: a}.get(dim, dim), depth - 1):
+                return True
+    return False
 
 
 def _foreign_dims(node: fx.Node, value_of: Callable[[Any], Any], src: Layout) -> list[int]:
