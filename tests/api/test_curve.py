@@ -78,7 +78,9 @@ def test_curve_point_equals_separate_runs() -> None:
         separate = idap_fx.optimize(model, x, target_macs=t, **kw, allocator=snaps.allocator)
         _same(res.at(target_macs=t), separate.model)
     # the records hold plans, not models: least-squares compensation is re-run on replay
-    assert all(s.refit == "least_squares" and not s.params for s in snaps.items if s.stage == "prune_channels")
+    assert all(
+        s.refit == "least_squares" and not s.params for s in snaps.items if s.stage == "prune_channels"
+    )
 
 
 def test_mean_compensation_is_stored_as_biases() -> None:

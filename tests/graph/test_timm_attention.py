@@ -66,7 +66,9 @@ def test_timm_heads_are_exact_units(name: str, fused: bool) -> None:
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     gm = idap_fx.trace(model, x)
     dg = idap_fx.analyze(gm)
-    (group,) = [g for g in dg.groups if any(m.param == f"{attn}.qkv.weight" and m.dim == 0 for m in g.members)]
+    (group,) = [
+        g for g in dg.groups if any(m.param == f"{attn}.qkv.weight" and m.dim == 0 for m in g.members)
+    ]
     assert group.prunable and group.exact and group.size == heads, group.frozen_reason
     exact = {g.id for g in dg.prunable if g.exact}
     plan = {k: v for k, v in random_plan(dg, 0.4, seed=2).items() if k in exact} | {group.id: [0]}
