@@ -221,7 +221,17 @@ def test_compensation_flag_reaches_every_step(tmp_path: Path, monkeypatch: pytes
     torch.export.save(torch.export.export(model, (x,)), str(tmp_path / "tiny.pt2"))
     monkeypatch.chdir(tmp_path)
     for flag, note in (("mean", "(mean)"), ("least_squares", "(least_squares)"), ("none", None)):
-        args = ["plan", "tiny.pt2", "--target-macs", "0.5", "--budget", "none", "--quiet", "--compensation", flag]
+        args = [
+            "plan",
+            "tiny.pt2",
+            "--target-macs",
+            "0.5",
+            "--budget",
+            "none",
+            "--quiet",
+            "--compensation",
+            flag,
+        ]
         assert main(args) == 0
         notes = [s["note"] for s in json.loads((tmp_path / "plan.json").read_text())["steps"]]
         assert notes and all((note in n) if note else "compensated" not in n for n in notes), notes
