@@ -149,15 +149,13 @@ class LayoutProp(fx.Interpreter):
                 self.coupling.freeze(self.env[a].taint, reason)
         return self._opaque_output(n, reason)
 
-    def _opaque_output(self, n: fx.Node, reason: str) -> Any:
-        meta = n.meta.get("tensor_meta")
+    def _opaque_output(self, n: fx.Node, reason: str, meta: Any = None) -> Any:
+        """Frozen fresh layouts shaped like the output, nested tuples too (an LSTM's ``(out, (h, c))``)."""
+        meta = n.meta.get("tensor_meta") if meta is None else meta
         if is_tensor_meta(meta):
             return self.ctx.frozen_fresh(n, tuple(meta.shape), reason)
         if isinstance(meta, (list, tuple)):
-            return tuple(
-                self.ctx.frozen_fresh(n, tuple(m.shape), reason) if is_tensor_meta(m) else Dynamic(n)
-                for m in meta
-            )
+            return tuple(self._opaque_output(n, reason, m) for m in meta)
         return Dynamic(n)
 
 

@@ -55,8 +55,8 @@ class _Rewrite:
     def shape(self, node: fx.Node, index: int | None = None) -> list[int]:
         meta = node.meta["tensor_meta"]
         layout = self.dg.layouts.get(node.name)
-        if index is not None:
-            meta, layout = meta[index], layout[index]
+        if index is not None:  # an output with no layout of its own (a size value) keeps its shape
+            meta, layout = meta[index], layout[index] if isinstance(layout, (tuple, list)) else None
         return _new_shape(layout, tuple(meta.shape), self.removed)
 
     def value(self, arg: Any) -> Any:

@@ -245,3 +245,30 @@ def test_expected_numel_and_removed_elements_follow_the_plan(resnet18):
     assert expected["layer1.0.conv2.weight"] == ((0, 64), (1, 61))
     assert expected["layer1.0.bn1.running_var"] == ((0, 61),)
     assert idap_fx.prune(gm, plan, dg).get_submodule("layer1.0.conv2").in_channels == 61
+
+
+def test_an_unknown_layer_with_nested_tuple_outputs_is_frozen_not_a_crash() -> None:
+    """An LSTM (no rule) returns ``(out, (h, c))``; its inputs freeze and pruning the layers around it works."""
+
+    class Rnn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc_in = nn.Linear(6, 8)
+            self.rnn = nn.LSTM(8, 8, batch_first=True)
+            self.fc_mid = nn.Linear(8, 12)
+            self.fc_out = nn.Linear(12, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out, (h, _) = self.rnn(self.fc_in(x))
+            return self.fc_out(torch.relu(self.fc_mid(out + h[-1][:, None])))
+
+    x = torch.randn(2, 5, 6)
+    gm = idap_fx.trace(Rnn().eval(), x)
+    dg = idap_fx.analyze(gm)
+    (rnn_in,) = [g for g in dg.groups if any(m.param == "fc_in.weight" and m.dim == 0 for m in g.members)]
+    (mid,) = [g for g in dg.groups if any(m.param == "fc_mid.weight" and m.dim == 0 for m in g.members)]
+    assert not rnn_in.prunable and "LSTM" in (rnn_in.frozen_reason or "")
+    assert mid.prunable and mid.exact
+    plan = {mid.id: [0, 3, 5]}
+    with torch.no_grad():
+        assert rel_err(idap_fx.prune(gm, plan, dg)(x), idap_fx.mask(gm, plan, dg)(x)) <= 1e-5
