@@ -124,6 +124,19 @@ def _softmax(ctx, node: fx.Node) -> Layout:
     return lay
 
 
+@register(F.normalize)
+def _normalize(ctx, node: fx.Node) -> Layout:
+    """``F.normalize(x, p, dim)``: a norm over ``dim``. Over a fixed sub-dim of a multi-dim axis (head_dim:
+    Swin v2's cosine attention, XCiT) it stays inside each unit; over channels it mixes them."""
+    lay = ctx.layout(node.args[0])
+    dim = norm_dim(arg(node, 2, "dim", 1), lay.ndim)
+    ax = lay.axis_of(dim)
+    if ax is not None and (len(ax.dims) == 1 or ax.free in (None, dim)):
+        ctx.coupling.freeze(ax.ids, f"{node.name}: normalizes across channels")
+        lay = Layout(lay.ndim, tuple(a for a in lay.axes if a is not ax))
+    return lay
+
+
 @register(operator.matmul, torch.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm")
 def _matmul(ctx, node: fx.Node) -> Layout:
     a, b = node.args[0], node.args[1]

@@ -164,12 +164,25 @@ def unbound_later(node: fx.Node, dim: int, depth: int = 4) -> bool:
     return False
 
 
-def _foreign_dims(node: fx.Node, value_of: Callable[[Any], Any], src: Layout) -> list[int]:
-    """Size arguments read off channels that are not this tensor's own."""
+def _foreign_dims(node: fx.Node, value_of: Callable[[Any], Any], src: Layout, out: Any = None) -> list[int]:
+    """Size arguments read off channels that are not this tensor's own, and (given the output layout
+    ``out``) fixed graph values on a dim whose channels shrink (Swin v2's ``reshape(B_, N, C)`` with ``C``
+    read off an input whose channels are frozen, on heads that are not)."""
     own = set(all_ids(src).tolist())
+    args = _shape_args(node)
+    aligned = isinstance(out, Layout) and len(args) == out.ndim
     dims = []
-    for d, arg in enumerate(_shape_args(node)):
+    for d, arg in enumerate(args):
         value = value_of(arg)
+        if (
+            isinstance(value, Dynamic)
+            and not value.taint.size
+            and aligned
+            and (ax := out.axis_of(d)) is not None
+        ):
+            if len(ax.dims) == 1 or ax.free == d:
+                dims.append(d)
+            continue
         if not isinstance(value, Dynamic) or not value.taint.size:
             continue
         if value.shape_of is src or (value.shape_of is None and set(value.taint.tolist()) <= own):
@@ -178,12 +191,14 @@ def _foreign_dims(node: fx.Node, value_of: Callable[[Any], Any], src: Layout) ->
     return dims
 
 
-def inferable_dim(node: fx.Node, value_of: Callable[[Any], Any], src: Layout, rank: int) -> int | None:
+def inferable_dim(
+    node: fx.Node, value_of: Callable[[Any], Any], src: Layout, rank: int, out: Any = None
+) -> int | None:
     """The one view/reshape size read off another tensor (CLIP's ``reshape(b, t, embed_dim)`` with
     ``embed_dim`` from the residual stream) when no other size is ``-1``: after pruning it is written
     as ``-1``, which reshape infers exactly, so neither tensor needs to freeze."""
     args = _shape_args(node)
-    foreign = _foreign_dims(node, value_of, src)
+    foreign = _foreign_dims(node, value_of, src, out)
     if len(args) != rank or len(foreign) != 1 or any(isinstance(a, int) and a == -1 for a in args):
         return None
     return foreign[0]
@@ -197,12 +212,13 @@ def check_size_args(ctx, node: fx.Node, src: Layout, out: Layout, infer: bool = 
     (view / reshape) a single such size becomes ``-1`` after pruning instead (``inferable_dim``).
     """
     args = _shape_args(node)
-    skip = inferable_dim(node, ctx.value, src, len(ctx.shape(node))) if infer else None
-    for d in _foreign_dims(node, ctx.value, src):
+    skip = inferable_dim(node, ctx.value, src, len(ctx.shape(node)), out) if infer else None
+    for d in _foreign_dims(node, ctx.value, src, out):
         if d == skip:
             continue
         value = ctx.value(args[d])
-        ctx.coupling.freeze(value.taint, f"{node.name}: takes a size from another tensor")
+        if value.taint.size:
+            ctx.coupling.freeze(value.taint, f"{node.name}: takes a size from another tensor")
         if len(args) == len(ctx.shape(node)) and (ax := out.axis_of(d)) is not None:
             ctx.coupling.freeze(ax.ids, f"{node.name}: size set from another tensor")
         elif len(args) != len(ctx.shape(node)):
@@ -235,7 +251,7 @@ def fix_shape_args(rw: Rewrite, node: fx.Node) -> None:
 
 def fix_reshape_args(rw: Rewrite, node: fx.Node) -> None:
     """``fix_shape_args``, after writing the one size read off another tensor as ``-1`` (``inferable_dim``)."""
-    d = inferable_dim(node, rw.value, rw.value(node.args[0]), len(rw.shape(node)))
+    d = inferable_dim(node, rw.value, rw.value(node.args[0]), len(rw.shape(node)), rw.value(node))
     if d is not None:
         sizes, rebuild = _size_args(node)
         node.args = rebuild([-1 if k == d else s for k, s in enumerate(sizes)])
