@@ -35,8 +35,17 @@ def _swin() -> nn.Module:
                            num_heads=(2, 4), num_classes=5)  # fmt: skip
 
 
+def _swin_v2() -> nn.Module:
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+
+    # cosine attention (F.normalize over head_dim), a continuous position bias MLP, B_, N, C read off a
+    # tensor whose channels are not the heads'
+    return SwinTransformerV2(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(2, 1),
+                             num_heads=(2, 4), num_classes=5)  # fmt: skip
+
+
 MODELS = {"vit": (_vit, "blocks.0.attn", 4), "beit": (_beit, "blocks.0.attn", 4),
-          "swin": (_swin, "layers.0.blocks.1.attn", 2)}  # fmt: skip
+          "swin": (_swin, "layers.0.blocks.1.attn", 2), "swin_v2": (_swin_v2, "layers.0.blocks.1.attn", 2)}  # fmt: skip
 
 
 def _randomise(model: nn.Module) -> nn.Module:
@@ -44,7 +53,9 @@ def _randomise(model: nn.Module) -> nn.Module:
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "relative_position" in name or (p.dim() == 1 and "norm" not in name):
+            if "norm" in name and name.endswith("weight"):  # Swin v2's post-norms start at zero
+                p.uniform_(0.5, 1.5)
+            elif "relative_position" in name or p.dim() == 1:
                 p.uniform_(-0.5, 0.5)
             elif p.dim() >= 2:
                 p.normal_(0.0, p[0].numel() ** -0.5)
