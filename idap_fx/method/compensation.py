@@ -105,8 +105,7 @@ def compensate(
         return len(found)
     found = consumers(before, dg, plan, sites)
     for c in found:
-        none = torch.zeros(int(c.gone.sum()), int((~c.gone).sum()), dtype=torch.float64)
-        _fold(before, after, c, none, c.mean[c.gone])
+        _fold(before, after, c, None, c.mean[c.gone])
     return len(found)
 
 
@@ -174,19 +173,19 @@ def _regression(
 
 
 def _fold(
-    before: fx.GraphModule, after: fx.GraphModule, c: Consumer, a: torch.Tensor, offset: torch.Tensor
+    before: fx.GraphModule, after: fx.GraphModule, c: Consumer, a: torch.Tensor | None, offset: torch.Tensor
 ) -> None:
-    """Kept weights += W_r A, bias += W_r · offset (summed over the kernel), rows kept by ``after``."""
+    """Kept weights += W_r A (``a`` None: unchanged), bias += W_r · offset (summed over the kernel), rows
+    kept by ``after``."""
     w = before.get_submodule(c.target).weight.detach().double()
     w_r = w[:, c.gone]
-    w_k = w[:, ~c.gone] + torch.einsum("or...,rk->ok...", w_r, a)
     delta = (w_r.sum(dim=tuple(range(2, w.dim()))) if w.dim() > 2 else w_r) @ offset
-    if c.rows is not None:
-        w_k, delta = w_k[c.rows], delta[c.rows]
+    delta = delta if c.rows is None else delta[c.rows]
     target = after.get_submodule(c.target)
     with torch.no_grad():
-        if a.numel() and a.abs().max() > 0:
-            target.weight.copy_(w_k.to(target.weight.dtype))
+        if a is not None:
+            w_k = w[:, ~c.gone] + torch.einsum("or...,rk->ok...", w_r, a)
+            target.weight.copy_((w_k if c.rows is None else w_k[c.rows]).to(target.weight.dtype))
         delta = delta.to(target.weight.dtype)
         if target.bias is None:
             target.bias = nn.Parameter(delta.clone())

@@ -267,18 +267,8 @@ def _select(ctx, node: fx.Node) -> Layout:
     return Layout(lay.ndim - 1, tuple(axes))
 
 
-@register(aten.unbind.int)
-def _unbind(ctx, node: fx.Node) -> tuple[Layout, ...]:
-    """``x.unbind(dim)``: one output per index of ``dim`` (channels on it are frozen)."""
-    lay = ctx.layout(node.args[0])
-    dim = shape.norm_dim(node.args[1] if len(node.args) > 1 else 0, lay.ndim)
-    axes = []
-    for ax in lay.axes:
-        if dim in ax.dims:
-            ctx.coupling.freeze(ax.ids, f"{node.name}: unbinds channels")
-        else:
-            axes.append(ax.moved({d: d - (d > dim) for d in ax.dims}))
-    return tuple(Layout(lay.ndim - 1, tuple(axes)) for _ in node.meta["tensor_meta"])
+# one rule for x.unbind(dim) in both spellings: a fixed sub-dim keeps units, channels freeze otherwise
+register(aten.unbind.int)(indexing._unbind)
 
 
 register(*_all(aten.arange, aten.zeros, aten.ones, aten.full, aten.empty, aten.scalar_tensor))(

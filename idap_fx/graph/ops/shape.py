@@ -152,9 +152,8 @@ def unbound_later(node: fx.Node, dim: int, depth: int = 4) -> bool:
             if (rest[0] if rest else user.kwargs.get("dim", 0)) % len(node.meta["tensor_meta"].shape) == dim:
                 return True
         elif depth and name == "permute":
-            order = [d % len(rest[0] if isinstance(rest[0], (list, tuple)) else rest) for d in
-                     (rest[0] if isinstance(rest[0], (list, tuple)) else rest)]  # fmt: skip
-            if unbound_later(user, order.index(dim), depth - 1):
+            perm = rest[0] if isinstance(rest[0], (list, tuple)) else rest
+            if unbound_later(user, [d % len(perm) for d in perm].index(dim), depth - 1):
                 return True
         elif depth and name == "transpose" and len(rest) == 2:
             nd = len(node.meta["tensor_meta"].shape)
