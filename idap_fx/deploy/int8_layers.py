@@ -1,6 +1,6 @@
 """Running and measuring int8 ONNX models, and choosing which layers stay fp32 (``quantize.py``'s engine).
 
-``quantize_static`` (QDQ, per-channel, MinMax) with nodes excluded; the relative output
+``quantize_static`` (QDQ, per-channel int8 weights, uint8 or int8 activations, MinMax) with nodes excluded; the relative output
 deviation and top-1 agreement of two models on the same batches; per-layer sensitivity;
 and ``protect``: the fewest weight layers kept fp32 so the deviation fits a budget.
 """
@@ -142,7 +142,10 @@ def _folded_output(graph: onnx.GraphProto, int8_nodes: dict[str, Any], tensor: s
         tensor = nxt[0].output[0]
 
 
-def quantize_qdq(pre: str, out: str, calibration: Sequence[Any], exclude: list[str]) -> None:
+def quantize_qdq(
+    pre: str, out: str, calibration: Sequence[Any], exclude: list[str], activations: str = "uint8"
+) -> None:
+    """QDQ-quantize ``pre`` into ``out``: per-channel symmetric int8 weights, ``activations`` uint8 or int8."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     try:
@@ -154,7 +157,7 @@ def quantize_qdq(pre: str, out: str, calibration: Sequence[Any], exclude: list[s
                 _Reader(pre, calibration),
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
-                activation_type=QuantType.QInt8,
+                activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
                 weight_type=QuantType.QInt8,
                 nodes_to_exclude=exclude,
                 extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
@@ -173,6 +176,7 @@ def protect(
     ref: list[list[np.ndarray]],
     max_deviation: float,
     base: float,
+    activations: str = "uint8",
 ) -> tuple[float, dict[str, float]]:
     """Keep the most sensitive layers fp32 (1, 2, 4, ...) until the deviation (``base`` in full int8) fits
     ``max_deviation``."""
@@ -184,7 +188,7 @@ def protect(
 
     def deviation_with(fp32: list[str]) -> float:
         """The output deviation with ``fp32`` (and ``keep``) left unquantized; ``out`` holds that model."""
-        quantize_qdq(pre, out, calib, [*keep, *fp32])
+        quantize_qdq(pre, out, calib, [*keep, *fp32], activations)
         return output_deviation(ref, run_outputs(out, holdout))
 
     sens = _sensitivity(pre, out, holdout, nodes)

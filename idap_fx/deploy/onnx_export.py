@@ -272,9 +272,9 @@ def export_onnx(
     """Export ``gm`` to ONNX at ``path`` and prove that onnxruntime reproduces it.
 
     ``quantize="int8"``: the verified fp32 graph is quantized by ONNX Runtime (static QDQ,
-    per-channel) and the accuracy cost measured instead of parity; ``int8_options`` go to
-    ``idap_fx.deploy.quantize.export_int8`` (``calibration``, ``keep_fp32``, ``max_deviation``,
-    ``evaluate``, ``latency``).
+    per-channel int8 weights, uint8 activations by default) and the accuracy cost measured
+    instead of parity; ``int8_options`` go to ``idap_fx.deploy.quantize.export_int8``
+    (``calibration``, ``keep_fp32``, ``max_deviation``, ``evaluate``, ``latency``, ``activations``).
 
     ``exporter="auto"`` uses the TorchScript-based exporter, or the dynamo one for
     graphs of ATen ops (from ``torch.export``); ``ExportReport.exporter`` says which ran.

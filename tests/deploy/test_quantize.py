@@ -44,6 +44,30 @@ def test_int8_export_reports_cost_size_and_latency(tmp_path: Path) -> None:
     assert any("no faster than fp32" in n for n in q.notes) == (q.int8_cpu_ms >= q.fp32_cpu_ms)
 
 
+def _activation_dtypes(path: Path) -> set[int]:
+    """Element types of the activation QuantizeLinear zero points (weights are stored quantized)."""
+    proto = onnx.load(str(path))
+    zp = {i.name: i.data_type for i in proto.graph.initializer}
+    inits = set(zp)
+    return {
+        zp[n.input[2]] for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits
+    }
+
+
+def test_activation_type_uint8_by_default_int8_on_request(tmp_path: Path) -> None:
+    gm = idap_fx.trace(_cnn(), CAL[0])
+    kw = dict(quantize="int8", calibration=CAL, latency=False)
+    rep = idap_fx.export_onnx(gm, CAL[0], tmp_path / "u.onnx", **kw)
+    assert rep.quantization.activations == "uint8" and "uint8 activations" in rep.quantization.to_markdown()
+    assert _activation_dtypes(tmp_path / "u.onnx") == {onnx.TensorProto.UINT8}
+    rep = idap_fx.export_onnx(gm, CAL[0], tmp_path / "s.onnx", activations="int8", **kw)
+    assert _activation_dtypes(tmp_path / "s.onnx") == {onnx.TensorProto.INT8}
+    assert abs(rep.quantization.deviation) < 0.05
+    with pytest.raises(idap_fx.IdapError, match="activations must be one of"):
+        idap_fx.export_onnx(gm, CAL[0], tmp_path / "x.onnx", activations="fp8", **kw)
+    assert not (tmp_path / "x.onnx").exists()
+
+
 def test_no_calibration_warns(tmp_path: Path) -> None:
     gm = idap_fx.trace(_cnn(), CAL[0])
     with pytest.warns(UserWarning, match="example inputs"):
