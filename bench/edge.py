@@ -118,13 +118,13 @@ def _markdown(results: list[dict], args: argparse.Namespace) -> str:
     lines = [
         "# Edge: pruning + static int8 ONNX (ONNX Runtime, 1 thread, interleaved medians)",
         "",
-        f"Command: `.venv/bin/python bench/edge.py --size {args.size} --resnet-size {args.resnet_size}` "
-        f"({args.runs} timed runs per file). Agreement: top-1 vs the fp32 original on evaluation views of photos "
+        f"Command: `.venv/bin/python bench/edge.py --size {args.size} --resnet-size {args.resnet_size} "
+        f"--views {args.views} --runs {args.runs}`. Agreement: top-1 vs the fp32 original on evaluation views of photos "
         "never used for calibration. ResNet-50 has weights=None: its agreement describes a random network.",
         "",
-        "Caveat: measured on a 2-core VM shared with ~8 other jobs (load average ~14): wall times are 4-7x the "
-        "CPU times and even CPU times are inflated (steal); compare CPU-time ratios, and re-run on an idle machine "
-        "for absolute figures. The report's and the bench's timings were taken minutes apart.",
+        f"Machine: {getattr(args, 'machine', 'not recorded')}. The report's and the bench's timings are taken "
+        "minutes apart; CPU-time ratios are the figures to compare where the machine is shared. int8: per-channel "
+        "int8 weights, uint8 activations (U8S8, the default).",
         "",
     ]
     for r in results:
@@ -169,6 +169,29 @@ def _markdown(results: list[dict], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def _tables(results: list[dict]) -> dict:
+    """The docs table (``docs/edge.md``, rendered by ``render_docs.py``): one row per model and variant."""
+    rows = []
+    for r in results:
+        base = r["variants"][0]["cpu_ms"]
+        q = r["int8_reports"]
+        for v in r["variants"]:
+            kept = q["pruned" if "pruned" in v["variant"] else "original"]["auto_fp32"]
+            rows.append(
+                [
+                    r["model"],
+                    v["variant"],
+                    f"{v['bytes'] / 1e6:.2f}",
+                    f"{v['cpu_ms']:.2f}",
+                    f"{base / v['cpu_ms']:.2f}x",
+                    f"{100 * v['top1_agreement']:.1f} %",
+                    str(len(kept)) if v["variant"].startswith("int8") else "",
+                ]
+            )
+    columns = ["model", "variant", "ONNX MB", "CPU ms", "speed-up", "top-1 agreement", "convs kept fp32"]
+    return {"main": {"columns": columns, "rows": rows}}
+
+
 def _plot(results: list[dict], path: str) -> None:
     import matplotlib
 
@@ -194,14 +217,18 @@ def main() -> None:
     p.add_argument("--views", type=int, default=48, help="calibration views (evaluation: the same count)")
     p.add_argument("--runs", type=int, default=40)
     p.add_argument("--models", default="mobilenet_v2,resnet50")
+    p.add_argument("--note", default="", help="what else ran on the machine (goes into the results)")
     p.add_argument("--render", action="store_true", help="only rebuild edge.md / edge.png from edge.json")
     args = p.parse_args()
     if args.render:
         saved = json.loads((RESULTS / "edge.json").read_text())
+        saved["tables"] = _tables(saved["results"])
+        (RESULTS / "edge.json").write_text(json.dumps(saved, indent=2, default=str))
         (RESULTS / "edge.md").write_text(_markdown(saved["results"], argparse.Namespace(**saved["args"])))
         _plot(saved["results"], str(RESULTS / "edge.png"))
         return
     single_thread()
+    load = os.getloadavg()[0]
     pics = photos()
     names = sorted(pics)
     eval_names = names[::4]  # split by photo: every 4th photo is for evaluation only
@@ -219,9 +246,15 @@ def main() -> None:
         r |= {"size": size, "calibration_photos": len(cal_imgs), "eval_photos": eval_names}
         results.append(r)
         print(json.dumps(r["variants"], indent=1), flush=True)
+    args.machine = (
+        f"{os.cpu_count()} cores, 1-minute load average {load:.1f} at the start and "
+        f"{os.getloadavg()[0]:.1f} at the end{f' ({args.note})' if args.note else ''}"
+    )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "edge.json").write_text(
-        json.dumps({"args": vars(args), "results": results}, indent=2, default=str)
+        json.dumps(
+            {"args": vars(args), "results": results, "tables": _tables(results)}, indent=2, default=str
+        )
     )
     (RESULTS / "edge.md").write_text(_markdown(results, args))
     _plot(results, str(RESULTS / "edge.png"))
