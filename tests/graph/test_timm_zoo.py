@@ -24,10 +24,13 @@ MODELS = {  # family: its model in bench/timm_zoo.py (passing there; those under
     "efficientnet": "test_efficientnet",
     "fastvit": "fastvit_t8",
     "ghostnet": "ghostnet_050",
+    "levit": "levit_128s",  # bn(x.flatten(0, 1)).reshape_as(x)
     "mobilenetv3": "mobilenetv3_small_050",
+    "nfnet": "test_nfnet",  # weight standardisation: F.batch_norm on the weight, reshape_as
     "repvit": "repvit_m1",
     "resnet": "test_resnet",
     "rexnet": "rexnet_100",
+    "xcit": "xcit_nano_12_p8_224",  # pos.repeat(B, 1, 1, 1), F.normalize over head_dim
 }
 
 

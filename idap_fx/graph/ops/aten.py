@@ -86,9 +86,9 @@ def _pool(ctx, node: fx.Node) -> Any:
     return (out, out) if node.target is aten.max_pool2d_with_indices.default else out
 
 
-@register(aten.constant_pad_nd.default)
+@register(aten.constant_pad_nd.default, aten.pad.default)
 def _pad(ctx, node: fx.Node) -> Layout:
-    return mixing.spatial_axes(ctx, node, ctx.layout(node.args[0]), len(node.args[1]) // 2)
+    return mixing.padded_axes(ctx, node, ctx.layout(node.args[0]), node.args[1])
 
 
 @register(aten.t.default)
@@ -176,6 +176,16 @@ def _per_channel(ctx, node: fx.Node, lay: Layout, tensors: list[Any]) -> None:
         tie(ctx, node, t, 0, None if ax is None else ax.ids)
 
 
+def batch_statistics(ctx, node: fx.Node, lay: Layout, first: int) -> None:
+    """Normalisation with statistics of the input itself (batch norm in training mode or without running
+    stats: over every dim but 1; instance norm: over dims >= 2): channels on those dims move the
+    statistics, as LayerNorm's do (nfnet's weight standardisation: a conv's input channels)."""
+    dims = set(range(lay.ndim)) - {1} if first == 0 else set(range(first, lay.ndim))
+    for ax in lay.axes:
+        if set(ax.dims) & dims:
+            ctx.coupling.inexact(ax.ids, f"{node.name}: normalisation statistics over channels")
+
+
 def _stats(ctx, node: fx.Node, index: int) -> Layout:
     """A side output (saved mean / rstd): its channels are not followed."""
     meta = node.meta["tensor_meta"][index]
@@ -187,7 +197,20 @@ def _batch_norm(ctx, node: fx.Node) -> Any:
     lay = ctx.layout(node.args[0])
     _per_channel(ctx, node, lay, list(node.args[1:5]))
     if node.target is aten.batch_norm.default:
+        if node.args[5] or node.args[3] is None:
+            batch_statistics(ctx, node, lay, 0)
         return lay
+    return lay, _stats(ctx, node, 1), _stats(ctx, node, 2)
+
+
+@register(aten._native_batch_norm_legit.default, aten._native_batch_norm_legit.no_stats)
+def _batch_norm_training(ctx, node: fx.Node) -> Any:
+    """Batch norm over the input's own statistics (training mode, or no running stats at all)."""
+    lay = ctx.layout(node.args[0])
+    stats = list(node.args[3:5]) if node.target is aten._native_batch_norm_legit.default else []
+    _per_channel(ctx, node, lay, [*node.args[1:3], *stats])
+    if node.target is aten._native_batch_norm_legit.no_stats or node.args[5]:
+        batch_statistics(ctx, node, lay, 0)
     return lay, _stats(ctx, node, 1), _stats(ctx, node, 2)
 
 
@@ -269,6 +292,8 @@ def _select(ctx, node: fx.Node) -> Layout:
 
 # one rule for x.unbind(dim) in both spellings: a fixed sub-dim keeps units, channels freeze otherwise
 register(aten.unbind.int)(indexing._unbind)
+register(aten.roll.default, aten.flip.default)(mixing._roll)
+register(aten.repeat.default, aten.tile.default)(shape._repeat)
 
 
 register(*_all(aten.arange, aten.zeros, aten.ones, aten.full, aten.empty, aten.scalar_tensor))(

@@ -109,6 +109,11 @@ def _batch_norm_fn(ctx, node: fx.Node) -> Layout:
     lay = ctx.layout(node.args[0])
     names = ("running_mean", "running_var", "weight", "bias")
     aten_rules._per_channel(ctx, node, lay, [arg(node, i + 1, n) for i, n in enumerate(names)])
+    if node.target is F.instance_norm:
+        if arg(node, 5, "use_input_stats", True):
+            aten_rules.batch_statistics(ctx, node, lay, 2)
+    elif arg(node, 5, "training", False) or arg(node, 1, "running_mean") is None:
+        aten_rules.batch_statistics(ctx, node, lay, 0)
     return lay
 
 
@@ -117,6 +122,8 @@ def _torch_batch_norm(ctx, node: fx.Node) -> Layout:
     """``torch.batch_norm(x, weight, bias, running_mean, running_var, ...)``: ATen's argument order."""
     lay = ctx.layout(node.args[0])
     aten_rules._per_channel(ctx, node, lay, list(node.args[1:5]))
+    if node.args[5] or (node.target is torch.batch_norm and node.args[3] is None):
+        aten_rules.batch_statistics(ctx, node, lay, 0 if node.target is torch.batch_norm else 2)
     return lay
 
 

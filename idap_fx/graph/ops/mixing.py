@@ -1,4 +1,5 @@
-"""Ops that combine values along dims: reductions, pooling / resizing / padding, softmax, matmul, attention.
+"""Ops that combine or move values along dims: reductions, pooling / resizing / padding, softmax, roll / flip,
+matmul, attention.
 
 A dim these ops mix is never a channel dim that may shrink, except where the combination
 stays exact or is a statistic: ``sum`` over channels masks its input (a removed channel adds
@@ -10,6 +11,8 @@ axes (attention's q·kᵀ and attn·v couple the heads of q, k and v).
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +91,7 @@ def _spatial(ctx, node: fx.Node) -> Layout:
     if node.op == "call_module":
         n = SPATIAL_MODULES[type(ctx.module(node))]
     elif node.target is F.pad:
-        n = len(arg(node, 1, "pad")) // 2
+        return padded_axes(ctx, node, lay, arg(node, 1, "pad"))
     else:
         n = SPATIAL_FUNCTIONS[node.target]
     if n < 0:
@@ -98,16 +101,26 @@ def _spatial(ctx, node: fx.Node) -> Layout:
     return spatial_axes(ctx, node, lay, n)
 
 
-def spatial_axes(ctx, node: fx.Node, lay: Layout, n: int) -> Layout:
-    """The layout with its last ``n`` (spatial) dims mixed: channel axes on them are frozen and dropped."""
-    first = lay.ndim - n
+def padded_axes(ctx, node: fx.Node, lay: Layout, pad: Sequence[Any]) -> Layout:
+    """Padding mixes only the dims it pads: ``pad`` pairs run from the last dim backwards, and a pair of
+    literal zeros leaves its dim alone (channels-last windows: ``F.pad(x, (0, 0, 0, pw, 0, ph))``)."""
+    padded = {lay.ndim - 1 - k for k in range(len(pad) // 2) if not (pad[2 * k] == 0 and pad[2 * k + 1] == 0)}
+    return _drop_axes(ctx, node, lay, padded)
+
+
+def _drop_axes(ctx, node: fx.Node, lay: Layout, mixed: set[int]) -> Layout:
     axes = []
     for ax in lay.axes:
-        if any(d >= first for d in ax.dims):
+        if set(ax.dims) & mixed:
             ctx.coupling.freeze(ax.ids, f"{node.name}: channels on a pooled/resized dim")
         else:
             axes.append(ax)
     return Layout(lay.ndim, tuple(axes))
+
+
+def spatial_axes(ctx, node: fx.Node, lay: Layout, n: int) -> Layout:
+    """The layout with its last ``n`` (spatial) dims mixed: channel axes on them are frozen and dropped."""
+    return _drop_axes(ctx, node, lay, set(range(lay.ndim - n, lay.ndim)))
 
 
 @register(nn.Softmax, nn.LogSoftmax, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax")
@@ -135,6 +148,26 @@ def _normalize(ctx, node: fx.Node) -> Layout:
         ctx.coupling.freeze(ax.ids, f"{node.name}: normalizes across channels")
         lay = Layout(lay.ndim, tuple(a for a in lay.axes if a is not ax))
     return lay
+
+
+@register(torch.roll, torch.flip, "roll", "flip")
+def _roll(ctx, node: fx.Node) -> Layout:
+    """``roll`` / ``flip`` move values along ``dims`` (Swin's shifted windows): channel axes elsewhere pass,
+    on a moved dim they freeze; ``roll`` without ``dims`` moves the flattened tensor."""
+    lay = ctx.layout(node.args[0])
+    name = str(getattr(node.target, "__name__", node.target)).split(".")[0]  # aten: roll.default
+    dims = arg(node, 2, "dims", None) if name == "roll" else arg(node, 1, "dims")
+    if dims is None:
+        moved = set(range(lay.ndim))
+    else:
+        moved = {norm_dim(d, lay.ndim) for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
+    axes = []
+    for ax in lay.axes:
+        if set(ax.dims) & moved:
+            ctx.coupling.freeze(ax.ids, f"{node.name}: {name} moves channels")
+        else:
+            axes.append(ax)
+    return Layout(lay.ndim, tuple(axes))
 
 
 @register(operator.matmul, torch.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm")

@@ -213,7 +213,7 @@ def check_size_args(ctx, node: fx.Node, src: Layout, out: Layout, infer: bool = 
     args = _shape_args(node)
     skip = inferable_dim(node, ctx.value, src, len(ctx.shape(node)), out) if infer else None
     for d in _foreign_dims(node, ctx.value, src, out):
-        if d == skip:
+        if d == skip or _same_extent(ctx, node, args[d], out, d):
             continue
         value = ctx.value(args[d])
         if value.taint.size:
@@ -222,6 +222,23 @@ def check_size_args(ctx, node: fx.Node, src: Layout, out: Layout, infer: bool = 
             ctx.coupling.freeze(ax.ids, f"{node.name}: size set from another tensor")
         elif len(args) != len(ctx.shape(node)):
             ctx.coupling.freeze(all_ids(out), f"{node.name}: shape set from another tensor")
+
+
+def _same_extent(ctx, node: fx.Node, size: Any, out: Layout, d: int) -> bool:
+    """A size read off another tensor's whole channel dim, set on an output dim that is one whole channel
+    axis of as many units (Swin v2 CR's ``windows.view(-1, ws, ws, C)`` with ``C`` from the block input):
+    the two axes are coupled, so they shrink together and the size stays right."""
+    value = ctx.value(size)
+    if not isinstance(value, Dynamic) or value.size_of is None or len(_shape_args(node)) != out.ndim:
+        return False
+    other = value.size_of[0].axis_of(value.size_of[1])
+    mine = out.axis_of(d)
+    if other is None or mine is None or other.dims != (value.size_of[1],) or mine.dims != (d,):
+        return False
+    if len(other.ids) != len(mine.ids):
+        return False
+    ctx.coupling.union(mine.ids, other.ids, f"{node.name}: size read off a coupled channel dim")
+    return True
 
 
 def _size_args(node: fx.Node) -> tuple[list[Any], Callable[[list[Any]], tuple]]:
@@ -303,3 +320,33 @@ def _expand(ctx, node: fx.Node) -> Layout:
     result = to_layout(len(out), merge(ctx.coupling, node.name, [op]), {d: d for d in range(len(out))})
     check_size_args(ctx, node, lay, result)
     return result
+
+
+@register("reshape_as", "view_as")
+def _reshape_as(ctx, node: fx.Node) -> Layout:
+    """``x.reshape_as(y)``: a reshape to ``y``'s shape, which moves with ``y``'s channels after pruning,
+    so the output's channel dims are coupled with ``y``'s (where ``y`` has a fixed extent they freeze)."""
+    src, other = node.args[0], node.args[1]
+    shape = ctx.shape(node)
+    ident = {d: d for d in range(len(shape))}
+    out = reshape_layout(ctx, node, ctx.layout(src), ctx.shape(src), shape)
+    operands = [Operand(out, shape, ident), Operand(ctx.layout(other), ctx.shape(other), ident)]
+    return to_layout(len(shape), merge(ctx.coupling, node.name, operands), ident)
+
+
+@register("repeat", "tile", torch.tile)
+def _repeat(ctx, node: fx.Node) -> Layout:
+    """``x.repeat(*sizes)`` / ``tile``: copies along dims; channels pass on dims copied once (a literal 1),
+    elsewhere the copies would interleave removed and kept channels, so they freeze."""
+    lay = ctx.layout(node.args[0])
+    reps = _shape_args(node)
+    nd = len(ctx.shape(node))
+    reps = [1] * (nd - len(reps)) + reps  # tile pads missing leading repeats with 1
+    off = nd - lay.ndim
+    axes = []
+    for ax in lay.axes:
+        if all(reps[d + off] == 1 for d in ax.dims):  # a graph value is never known to be 1
+            axes.append(ax.moved({d: d + off for d in range(lay.ndim)}))
+        else:
+            ctx.coupling.freeze(ax.ids, f"{node.name}: repeats a channel dim")
+    return Layout(nd, tuple(axes))

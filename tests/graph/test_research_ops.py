@@ -1,0 +1,201 @@
+"""Ops research code writes around its layers: weight standardisation (``F.batch_norm`` on a weight,
+``reshape_as``), channels-last windows (``F.pad`` with zero channel padding, ``roll``, a ``view`` whose
+channel size is read off the block input), ``repeat`` / ``tile``. Each keeps its channels prunable where
+pruning stays exact (prune == mask oracle) and freezes or marks inexact where it does not.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import random_plan, rel_err
+from torch import nn
+
+import idap_fx
+from idap_fx.capture.torch_export import from_exported
+
+
+def _capture(model: nn.Module, x: torch.Tensor, capture: str) -> torch.fx.GraphModule:
+    if capture == "fx":
+        return idap_fx.trace(model, x)
+    return from_exported(torch.export.export(model, (x,)))
+
+
+def _group(dg: idap_fx.DependencyGraph, param: str, dim: int) -> idap_fx.graph.dependency.Group:
+    (group,) = [g for g in dg.groups if any(m.param == param and m.dim == dim for m in g.members)]
+    return group
+
+
+def _exact_oracle(gm: torch.fx.GraphModule, dg: idap_fx.DependencyGraph, x: torch.Tensor) -> None:
+    """A random plan over the exact groups: prune == mask, and the output changes."""
+    exact = {g.id for g in dg.prunable if g.exact}
+    plan = {k: v for k, v in random_plan(dg, 0.4, seed=3).items() if k in exact}
+    assert plan
+    pruned, masked = idap_fx.prune(gm, plan, dg), idap_fx.mask(gm, plan, dg)
+    with torch.no_grad():
+        assert rel_err(pruned(x), masked(x)) <= 1e-5
+        assert rel_err(pruned(x), gm(x)) > 1e-3
+
+
+class StdConv(nn.Conv2d):
+    """timm's ``StdConv2d`` / nfnet's ``ScaledStdConv2d``: the weight standardised per output channel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True, eps=1e-6)
+        return F.conv2d(x, w.reshape_as(self.weight), self.bias, padding=self.padding)
+
+
+class StdConvNet(nn.Module):
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.c1, self.c2 = StdConv(3, 8, k, padding=k // 2), StdConv(8, 6, k, padding=k // 2)
+        self.bn, self.head = nn.BatchNorm2d(8), nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.c2(F.relu(self.bn(self.c1(x))))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_weight_standardisation_makes_input_channels_inexact(capture: str, k: int) -> None:
+    """Standardising over (in, kh, kw) ties each output row's statistics to every input channel: removing
+    an input channel of ``c2`` changes its weights' mean and variance (inexact: nfnet's 1x1 convs were
+    called exact and pruned wrongly before); removing an output channel of ``c2`` removes a whole
+    standardised row (exact, checked by the oracle)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    gm = _capture(StdConvNet(k).eval(), x, capture)
+    dg = idap_fx.analyze(gm)
+    inner = _group(dg, "c1.weight", 0)
+    if k == 1:
+        assert inner.prunable and not inner.exact and "statistics" in (inner.inexact_reason or "")
+    else:  # in x kh x kw merge into one dim beside the kernel's own dims: frozen
+        assert not (inner.prunable and inner.exact)
+    outer = _group(dg, "c2.weight", 0)
+    assert outer.prunable and outer.exact and outer.size == 6
+    _exact_oracle(gm, dg, x)
+
+
+class LevitStyle(nn.Module):
+    """LeViT's ``bn(x.flatten(0, 1)).reshape_as(x)``: batch norm of tokens, back to the token layout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn, self.out = nn.Linear(5, 12), nn.BatchNorm1d(12), nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        return self.out(self.bn(y.flatten(0, 1)).reshape_as(y)).sum(1)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_reshape_as_follows_the_other_tensors_channels(capture: str) -> None:
+    torch.manual_seed(0)
+    model = LevitStyle().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 7, 5)
+    gm = _capture(model, x, capture)
+    dg = idap_fx.analyze(gm)
+    group = _group(dg, "fc.weight", 0)
+    assert group.prunable and group.exact and group.size == 12
+    _exact_oracle(gm, dg, x)
+
+
+def test_reshape_as_a_tensor_without_those_channels_freezes() -> None:
+    class Mismatch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(5, 12)
+            self.register_buffer("template", torch.zeros(2, 12))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x).reshape_as(self.template) * 2  # a fixed 12: pruning would break the reshape
+
+    dg = idap_fx.analyze(idap_fx.trace(Mismatch().eval(), torch.randn(2, 5)))
+    assert not _group(dg, "fc.weight", 0).prunable
+
+
+class ChannelsLastWindow(nn.Module):
+    """Swin v2 CR's block: channels-last (B, H, W, C), padded on H / W only, shifted by ``roll``, split
+    into windows and put back with a ``view`` whose ``C`` is read off the block input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.proj, self.head = nn.Conv2d(3, 8, 1), nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x).permute(0, 2, 3, 1)  # B, H, W, C
+        B, H, W, C = x.shape
+        y = F.pad(x, (0, 0, 0, 2, 0, 2))  # W and H padded; C untouched
+        y = torch.roll(y, shifts=(-1, -1), dims=(1, 2))
+        win = y.reshape(-1, 4, 4, C)
+        win = self.proj(win)
+        y = win.view(-1, 4, 4, C).reshape(B, H + 2, W + 2, C)
+        y = torch.roll(y, shifts=(1, 1), dims=(1, 2))[:, :H, :W, :]
+        return self.head((x + y).mean((1, 2)))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_channels_last_windows_keep_the_stream_prunable(capture: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6)
+    gm = _capture(ChannelsLastWindow().eval(), x, capture)
+    dg = idap_fx.analyze(gm)
+    group = _group(dg, "embed.weight", 0)
+    assert group.prunable and group.exact, group.frozen_reason
+    assert _group(dg, "proj.weight", 0) is group  # the residual add and the view's C couple them
+    _exact_oracle(gm, dg, x)
+
+
+@pytest.mark.parametrize(
+    ("op", "reason"),
+    [
+        (lambda y: F.pad(y, (0, 1)), "pooled/resized"),  # pads the channel dim (last, channels-last)
+        (lambda y: torch.roll(y, 1, dims=3), "roll moves channels"),
+        (lambda y: torch.roll(y, 1), "roll moves channels"),  # no dims: the flattened tensor
+        (lambda y: torch.flip(y, dims=(-1,)), "flip moves channels"),
+        (lambda y: y.repeat(1, 1, 1, 2), "repeats a channel dim"),
+    ],
+    ids=["pad", "roll", "roll-flat", "flip", "repeat"],
+)
+def test_moving_or_copying_channels_freezes_them(op, reason: str) -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Conv2d(3, 8, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return op(self.embed(x).permute(0, 2, 3, 1)).sum()
+
+    dg = idap_fx.analyze(idap_fx.trace(Net().eval(), torch.randn(1, 3, 4, 4)))
+    group = _group(dg, "embed.weight", 0)
+    assert not group.prunable and reason in (group.frozen_reason or "")
+
+
+class RepeatNet(nn.Module):
+    """XCiT's positional encoding: ``pos.repeat(B, 1, 1, 1)`` added to the stream, and ``tile`` of a
+    feature map along H; the channel dims are copied once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = nn.Conv2d(4, 8, 1)
+        self.embed, self.head = nn.Conv2d(3, 8, 1), nn.Linear(8, 4)
+        self.register_buffer("grid", torch.randn(1, 4, 4, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pos = self.pos(self.grid).repeat(x.shape[0], 1, 1, 1)
+        y = torch.tile(self.embed(x) + pos, (1, 2, 1))  # (C, H, W) repeats -> (1, 1, 2, 1)
+        return self.head(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_repeat_on_other_dims_keeps_channels_exact(capture: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 4)
+    gm = _capture(RepeatNet().eval(), x, capture)
+    dg = idap_fx.analyze(gm)
+    group = _group(dg, "embed.weight", 0)
+    assert group.prunable and group.exact and _group(dg, "pos.weight", 0) is group
+    _exact_oracle(gm, dg, x)
