@@ -28,7 +28,7 @@ there. ``--from-json A.json [B.json ...]`` merges and re-renders, running nothin
 (``render_matrix.py`` writes the .md, the .png and the docs tables).
 
     .venv/bin/python bench/quality_matrix.py --quick                       # ~1-2 min smoke run
-    .venv/bin/python bench/quality_matrix.py --models digits mobile-digits   # 3 seeds each
+    .venv/bin/python bench/quality_matrix.py --models digits mobile-digits   # 5 seeds each
 """
 
 from __future__ import annotations
@@ -216,7 +216,9 @@ def run_model(name: str, seed: int, args: argparse.Namespace, out: dict[str, Any
     args.model, args.macs0 = name, count_macs(task.model, task.example)
     done = {(r["model"], r["target"], r["method"], r["seed"]) for r in out["rows"]}
     base = task.metric(task.model, task.model, task.test)
+    ran = out["configs"].get(name, {}).get("seeds", []) if args.resume else []
     out["configs"][name] = {**config(args), "metric": task.metric_name, "macs": args.macs0, **task.info}
+    out["configs"][name]["seeds"] = sorted(set(ran) | set(args.seeds))  # a resumed run adds seeds
     if (name, 1.0, "unpruned", seed) not in done:
         save(out, args, {"model": name, "target": 1.0, "method": "unpruned", "seed": seed, "macs_ratio": 1.0,
                          "one_shot": base, "recovered": base})  # fmt: skip
@@ -302,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--targets", type=float, nargs="+", default=[0.7, 0.5, 0.3])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument(
-        "--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 for the digits models, 0 else"
+        "--seeds", type=int, nargs="+", default=None, help="default: 0-4 for the digits models, 0 else"
     )
     p.add_argument("--steps", type=int, default=100, help="recovery steps, every method alike")
     p.add_argument("--eval-every", type=int, default=10, help="validation every N recovery steps")
@@ -337,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         out = json.loads(Path(args.out).read_text())
         out["rows"] = [r for r in out["rows"] if "error" not in r]  # failed cells run again
     for name in args.models:
-        seeds = args.seeds or ([0, 1, 2] if "digits" in name and not args.quick else [0])
+        seeds = args.seeds or ([0, 1, 2, 3, 4] if "digits" in name and not args.quick else [0])
         args.seeds = seeds
         for seed in seeds:
             run_model(name, seed, args, out)
