@@ -199,3 +199,28 @@ def test_repeat_on_other_dims_keeps_channels_exact(capture: str) -> None:
     group = _group(dg, "embed.weight", 0)
     assert group.prunable and group.exact and _group(dg, "pos.weight", 0) is group
     _exact_oracle(gm, dg, x)
+
+
+class PointwiseMix(nn.Module):
+    """CSATv2's ``torch.addcmul`` and friends: element-wise across their inputs (fx spelling)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.head = nn.Linear(5, 8), nn.Linear(5, 8), nn.Linear(5, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b, c = self.a(x), self.b(x), self.c(x)
+        y = torch.addcmul(a, b, c, value=0.5) + a.addcdiv(b, c.abs() + 1)
+        y = torch.lerp(y, b, 0.3) + torch.log(c.abs() + 1) + (b.abs() + 1).reciprocal()
+        return self.head(y)
+
+
+def test_addcmul_family_is_element_wise() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 5)
+    gm = idap_fx.trace(PointwiseMix().eval(), x)
+    dg = idap_fx.analyze(gm)
+    assert not dg.boundaries
+    group = _group(dg, "a.weight", 0)
+    assert group.prunable and group.exact and _group(dg, "c.weight", 0) is group
+    _exact_oracle(gm, dg, x)

@@ -28,7 +28,8 @@ FUNCTIONS = (
     operator.isub, operator.imul, operator.itruediv,
     torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum, torch.where, torch.relu,
     torch.sigmoid, torch.tanh, torch.exp, torch.sqrt, torch.cos, torch.sin, torch.rsqrt, torch.abs, torch.neg, torch.clamp,
-    torch.clip, torch.erf, torch.pow, torch.square, torch.sign, torch.nan_to_num,
+    torch.clip, torch.erf, torch.pow, torch.square, torch.sign, torch.nan_to_num, torch.addcmul, torch.addcdiv,
+    torch.lerp, torch.log, torch.reciprocal,
     operator.lt, operator.le, operator.gt, operator.ge, operator.eq, operator.ne, operator.and_, operator.or_,
     operator.xor, operator.invert, torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge,
     torch.logical_and, torch.logical_or, torch.logical_not,
@@ -43,6 +44,7 @@ METHODS = (
     "contiguous", "clone", "detach", "float", "half", "double", "bfloat16", "to", "type", "type_as",
     "masked_fill", "masked_fill_", "where", "maximum", "minimum", "erf", "sign", "nan_to_num",
     "expand_as", "bool", "long", "int", "eq", "ne", "lt", "le", "gt", "ge", "logical_not", "logical_and", "logical_or",
+    "addcmul", "addcdiv", "lerp", "log", "reciprocal",
 )  # fmt: skip
 WRAPPED = ("timm.layers.attention.maybe_add_mask",)  # ``scores`` (+ ``attn_mask`` when given)
 
