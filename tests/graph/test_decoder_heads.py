@@ -260,3 +260,36 @@ def test_a_per_head_attention_mask_is_pruned_with_its_heads() -> None:
     assert pruned.state_dict()["bias"].shape == (HEADS - 2, 5, 5)
     with torch.no_grad():
         assert rel_err(pruned(x), masked(x)) <= 1e-5 and rel_err(pruned(x), gm(x)) > 1e-3
+
+
+MORE = {  # name -> (config class, model class, config, input names): heads and MLP widths exact per layer
+    "phi": ("PhiConfig", "PhiModel", {"hidden_size": HIDDEN, "num_attention_heads": HEADS, "num_hidden_layers": LAYERS,
+            "intermediate_size": FFN, "vocab_size": 64, "max_position_embeddings": 64}, ["input_ids", "attention_mask"]),
+    "clip_text": ("CLIPTextConfig", "CLIPTextModel", {"hidden_size": HIDDEN, "num_attention_heads": HEADS,
+                  "num_hidden_layers": LAYERS, "intermediate_size": FFN, "vocab_size": 64,
+                  "max_position_embeddings": 64}, ["input_ids", "attention_mask"]),
+    "clip_vision": ("CLIPVisionConfig", "CLIPVisionModel", {"hidden_size": HIDDEN, "num_attention_heads": HEADS,
+                    "num_hidden_layers": LAYERS, "intermediate_size": FFN, "image_size": 32, "patch_size": 8},
+                    ["pixel_values"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(MORE))
+def test_phi_and_clip_heads_and_mlp_widths_prune_exactly(hf: ModuleType, name: str) -> None:
+    """Phi (partial rotary, dense attention output), CLIP's text and vision towers (causal mask built in
+    the graph, class token): per layer one exact head group and one exact MLP group; prune == mask."""
+    from idap_fx.capture.hf import trace_hf
+
+    cfg_cls, model_cls, cfg, names = MORE[name]
+    torch.manual_seed(0)
+    model = getattr(hf, model_cls)(getattr(hf, cfg_cls)(**cfg)).eval()
+    x = (torch.randn(2, 3, 32, 32),) if names == ["pixel_values"] else _inputs(2, 7)
+    gm = trace_hf(model, names, x)
+    dg = idap_fx.analyze(gm)
+    exact = [g for g in dg.prunable if g.exact]
+    assert sorted(g.size for g in exact) == [HEADS] * LAYERS + [FFN] * LAYERS, [(g.id, g.size) for g in exact]
+    plan = {g.id: [1, 3] for g in exact}
+    pruned, masked = idap_fx.prune(gm, plan, dg), idap_fx.mask(gm, plan, dg)
+    with torch.no_grad():
+        assert rel_err(pruned(*x), masked(*x)) <= 1e-4
+        assert rel_err(pruned(*x), gm(*x)) > 1e-3
