@@ -224,3 +224,45 @@ def test_addcmul_family_is_element_wise() -> None:
     group = _group(dg, "a.weight", 0)
     assert group.prunable and group.exact and _group(dg, "c.weight", 0) is group
     _exact_oracle(gm, dg, x)
+
+
+class FusedHeads(nn.Module):
+    """Falcon's new decoder: a fused projection viewed as (B, T, heads, 3, hd) and read with literal lists
+    (``qkv[:, :, :, [1]]``), plus a weight used transposed (``x @ w.T``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 4 * 3 * 2)
+        self.w = nn.Parameter(torch.randn(3, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        qkv = self.qkv(x).view(b, t, 4, 3, 2)
+        q, kv = qkv[:, :, :, [0]], qkv[:, :, :, [1, 2]]
+        y = (q * kv.sum(3, keepdim=True)).squeeze(3).reshape(b, t, 8)
+        return y @ self.w.T  # the heads are contracted with w's input dim
+
+
+def test_literal_list_index_and_weight_transpose_keep_heads_exact() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    gm = idap_fx.trace(FusedHeads().eval(), x)
+    dg = idap_fx.analyze(gm)
+    assert not dg.boundaries
+    heads = _group(dg, "qkv.weight", 0)
+    assert heads.prunable and heads.exact and heads.size == 4
+    _exact_oracle(gm, dg, x)
+
+
+def test_literal_list_index_on_a_channel_dim_freezes_it() -> None:
+    class Pick(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(5, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x)[:, [0, 2]]  # positions on a dim that shrinks would go stale
+
+    dg = idap_fx.analyze(idap_fx.trace(Pick().eval(), torch.randn(3, 5)))
+    group = _group(dg, "fc.weight", 0)
+    assert not group.prunable and "indexes into channels" in (group.frozen_reason or "")

@@ -115,6 +115,14 @@ def _index_tensor(ctx, node: fx.Node, lay: Layout, index: Any) -> Layout:
                     (empty if stays_empty(it.start, size) else dropped).append(i)
             mapping[i] = o
             i, o = i + 1, o + 1
+        elif _literal_list(it, items):  # Falcon's fused qkv[..., [-2], :]: positions on one dim
+            ax = lay.axis_of(i)
+            if ax is not None and len(ax.dims) > 1 and ax.free not in (None, i):  # never shrinks: stays right
+                within[i] = np.asarray(it) % ctx.shape(node.args[0])[i]
+            elif ax is not None:
+                dropped.append(i)
+            mapping[i] = o
+            i, o = i + 1, o + 1
         elif _gather_index(it, items):  # a table read by an index tensor (relative position bias)
             dropped.append(i)  # channels on the gathered dim freeze; the dims after it shift
             i, o = i + 1, o + len(it.meta["tensor_meta"].shape)
@@ -139,6 +147,12 @@ def _index_tensor(ctx, node: fx.Node, lay: Layout, index: Any) -> Layout:
             free = ax.free if len(dims) > 1 else None
             axes.append(Axis(dims, ids, free).moved(mapping))
     return Layout(len(ctx.shape(node)), tuple(axes))
+
+
+def _literal_list(it: Any, items: list[Any]) -> bool:
+    """``it`` is a list of integers and the only advanced index in ``items`` (its dim stays in place)."""
+    advanced = [x for x in items if isinstance(x, (list, fx.Node))]
+    return isinstance(it, list) and bool(it) and all(isinstance(k, int) for k in it) and len(advanced) == 1
 
 
 def _gather_index(it: Any, items: list[Any]) -> bool:

@@ -301,6 +301,20 @@ def _permute(ctx, node: fx.Node) -> Layout:
     return lay.moved({old: new for new, old in enumerate(perm)}, lay.ndim)
 
 
+@register(getattr)
+def _tensor_attribute(ctx, node: fx.Node) -> Layout:
+    """``w.T`` / ``w.mT`` (Falcon's ``x @ self.weight.T``): permutations; other tensor attributes have no rule."""
+    src, name = node.args[:2]
+    lay = ctx.layout(src)
+    if name == "T":
+        return lay.moved({d: lay.ndim - 1 - d for d in range(lay.ndim)}, lay.ndim)
+    if name == "mT" and lay.ndim >= 2:
+        mapping = {d: d for d in range(lay.ndim)}
+        mapping[lay.ndim - 1], mapping[lay.ndim - 2] = lay.ndim - 2, lay.ndim - 1
+        return lay.moved(mapping, lay.ndim)
+    raise ValueError(f"tensor attribute {name!r}")
+
+
 @register("transpose", "swapaxes", torch.transpose, torch.swapaxes)
 def _transpose(ctx, node: fx.Node) -> Layout:
     lay = ctx.layout(node.args[0])
