@@ -338,12 +338,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.resume and Path(args.out).exists():
         out = json.loads(Path(args.out).read_text())
         out["rows"] = [r for r in out["rows"] if "error" not in r]  # failed cells run again
+    asked = args.seeds
     for name in args.models:
-        seeds = args.seeds or ([0, 1, 2, 3, 4] if "digits" in name and not args.quick else [0])
-        args.seeds = seeds
-        for seed in seeds:
+        args.seeds = asked or ([0, 1, 2, 3, 4] if "digits" in name and not args.quick else [0])
+        for seed in args.seeds:
             run_model(name, seed, args, out)
-        args.seeds = None
+    args.seeds = asked
     render(out, Path(args.out).with_suffix(""))
 
 
