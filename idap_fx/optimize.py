@@ -187,6 +187,14 @@ def resolve_options(
     return goal_, recovery_, chosen
 
 
+def _shares_parameters(model: nn.Module, caller: Any) -> bool:
+    """Whether ``model`` holds any of the caller's parameter tensors."""
+    if not isinstance(caller, nn.Module):
+        return False
+    theirs = {p.data_ptr() for p in caller.parameters()}
+    return any(p.data_ptr() in theirs for p in model.parameters())
+
+
 def optimize(
     traced_graph: nn.Module,
     example_inputs: Any,
@@ -220,7 +228,7 @@ def optimize(
     phases: dict[str, float] = {}
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     with _timed(phases, "trace"):
-        original = trace(traced_graph, inputs)
+        original = trace(traced_graph, inputs, share_parameters=True)  # one copy of the weights fewer
     _check_weights(original)
     tau = any(getattr(o, "tau_layer", None) is not None for o in chosen)
     ctx, notes = _context(original, inputs, calibration, goal_, recovery_, seed, quiet, phases, tau)
@@ -236,6 +244,8 @@ def optimize(
         torch.manual_seed(seed)
         model, records = run_passes(runs, working)
     model.eval()
+    if _shares_parameters(model, traced_graph):  # nothing rewritten: the result must not alias the caller's
+        model = copy.deepcopy(model)
     _check_weights(model, "recovery (fine_tune callback or distillation) diverged; check its learning rate")
     report = _report(ctx, model, records, phases, notes)
     report.layers = [r.to_dict() for r in layer_changes(original, model, inputs)]

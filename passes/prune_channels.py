@@ -41,7 +41,7 @@ from idap_fx.method.schedule import Schedule, get_schedule
 from idap_fx.method.scoring import Importance, Scores, ScoringContext, get_importance
 from idap_fx.metrics import count_macs, count_params, fingerprint
 from idap_fx.options import PruneOptions
-from idap_fx.rewrite.surgery import prune
+from idap_fx.rewrite.surgery import discard, prune
 
 
 @dataclass
@@ -136,7 +136,8 @@ class PruneChannels(IdapPass):
             plan = alloc.plan(n)
             if not plan:
                 return plan, -1, -1
-            _, macs, params = self._candidate(gm, dg, plan)  # the candidate model is freed on return
+            model, macs, params = self._candidate(gm, dg, plan)
+            discard(model)  # freed on return
             return plan, macs, params
 
         plan = alloc.plan(k)
@@ -146,6 +147,7 @@ class PruneChannels(IdapPass):
         if not self._reached(best[2], best[3]) or self.ctx.stop_check is not None:
             return best
         chosen = (best[0], best[2], best[3])  # drop the model; keep what rebuilds it
+        discard(best[1])
         del best
         lo, hi = 1, k  # reached at hi; find the smallest n that still reaches
         while lo < hi:
@@ -250,6 +252,7 @@ class PruneChannels(IdapPass):
                     metrics = (last["macs"], last["params"], last["quality"], last["budget_consumed"])
                     self.ctx.recorder.on_prune(t, current, dg, plan, cand, metrics)
                 return cand
+            discard(cand)  # rolled back
             if attempt == self.opts.backtracks or n_units <= 1:
                 return None
             k = max(1, n_units // 2)
@@ -393,6 +396,8 @@ class PruneChannels(IdapPass):
             if accepted is None:
                 record.stop_reason = record.stop_reason or "the next step would break the budget"
                 break
+            if current is not graph_module:  # a step's model of ours, replaced: not the pass's input
+                discard(current)
             current, modified = accepted, True
             last = record.steps[-1]
             if self._reached(last["macs"], last["params"]):

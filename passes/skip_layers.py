@@ -26,6 +26,7 @@ from idap_fx.method.skip_scores import layer_scores
 from idap_fx.metrics import count_macs, count_params
 from idap_fx.options import SkipOptions
 from idap_fx.rewrite.skip_candidates import Candidate, find_candidates, remove
+from idap_fx.rewrite.surgery import discard
 
 
 class SkipLayers(IdapPass):
@@ -78,11 +79,15 @@ class SkipLayers(IdapPass):
         if not ok:
             why = "budget" if not verdict.ok else f"delta {delta:.4g} > tau_layer {tau}"
             record["note"] = ", ".join(filter(None, [note, f"essential: {why}"]))
+            discard(trial)
         return (trial if ok else None), record
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         ctx, opts, rec = self.ctx, self.opts, self.record
-        current = copy.deepcopy(graph_module)
+        # the input's modules shared, its graph copied: trials rewrite copies, only shapes are recorded here
+        current = fx.GraphModule(
+            graph_module, copy.deepcopy(graph_module.graph), class_name=type(graph_module).__name__
+        )
         record_shapes(current, ctx.example_inputs)  # shapes must match this graph (stage 1 may have run)
         with self.timed("skip_budget"):
             quality = ctx.budget.check(current).quality
@@ -112,6 +117,7 @@ class SkipLayers(IdapPass):
                 ctx.recorder.on_skip(
                     cand, fits.get(cand.key), (new_macs, new_params, new_quality, record["budget_consumed"])
                 )
+            discard(current)  # the pass input's modules live on in the input itself
             current, quality, macs, params = trial, new_quality, new_macs, new_params
             cands, scores, fits = self._scored(current)
         if rec.removed and ctx.recovery.trains:

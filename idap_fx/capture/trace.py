@@ -154,8 +154,12 @@ def trace(
     *,
     leaf_modules: Sequence[type] = (),
     concrete_args: dict[str, Any] | None = None,
+    share_parameters: bool = False,
 ) -> fx.GraphModule:
     """Trace ``model`` (an ``nn.Module`` or a ``GraphModule``) into a new GraphModule with shapes.
+
+    The result is a copy; with ``share_parameters`` its parameters are the caller's own tensors
+    (no second copy of the weights: ``optimize``, which never changes them in place).
 
     ``leaf_modules`` are module types kept as opaque calls (their channels are frozen);
     ``concrete_args`` pins Python arguments that steer control flow; optional arguments the
@@ -174,7 +178,8 @@ def trace(
     _check_model(model)
     inputs = as_tuple(example_inputs)
     _check_inputs(model, inputs)
-    copied = copy.deepcopy(model).eval()
+    memo = {id(p): p for p in model.parameters()} if share_parameters else {}
+    copied = copy.deepcopy(model, memo).eval()
     if isinstance(copied, fx.GraphModule):
         gm = copied
     else:

@@ -178,6 +178,7 @@ class Taylor:
         members = ctx.producer_members()
         total = np.zeros(ctx.units.total)
         was_training = ctx.gm.training
+        held = {p: p.grad for p in ctx.gm.parameters()}  # optimize's first model shares the caller's
         ctx.gm.eval()
         try:
             for batch in ctx.batches:
@@ -192,7 +193,8 @@ class Taylor:
                     s, _ = ctx.per_unit(m, prod)
                     total += s**2
         finally:
-            ctx.gm.zero_grad(set_to_none=True)
+            for p, grad in held.items():
+                p.grad = grad
             ctx.gm.train(was_training)
         return ctx.units.split(np.asarray(reducer().all_sum(total.tolist())))
 

@@ -169,6 +169,17 @@ def prune(gm: fx.GraphModule, plan: Plan, dg: DependencyGraph | None = None) -> 
     return new
 
 
+def discard(gm: fx.GraphModule) -> None:
+    """Let a model no one will run again free its weights now.
+
+    A GraphModule and its Graph refer to each other (``graph.owning_module``), so a dropped model
+    is otherwise freed only by Python's cycle collector, which runs on object counts, not memory:
+    a ViT-B/16 run held four pruned copies at once. Only for models this process built (never the
+    caller's, nor one whose modules another model shares and still runs).
+    """
+    gm.graph._owning_module = None
+
+
 def zeroed_tensors(gm: fx.GraphModule, plan: Plan, dg: DependencyGraph) -> dict[str, torch.Tensor]:
     """Copies of the consumer tensors of ``plan``'s channels with those channels zeroed, one entry
     (under its first name) per tensor: tied names share it, as ``functional_call`` expects."""

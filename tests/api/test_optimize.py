@@ -216,3 +216,31 @@ def test_stage_two_alone_needs_no_target_or_budget() -> None:
     )
     assert len(res.report.removed_layers) <= 1
     assert "SkipLayers" in res.report.stop_reason
+
+
+def test_optimize_reads_the_callers_weights_without_copying_or_touching_them() -> None:
+    """``optimize`` traces with the caller's parameter tensors (one copy of the weights fewer): Taylor
+    scoring's backward must leave their ``.grad`` as it was, and a result that rewrote nothing must not
+    alias them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))  # fmt: skip
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)  # a caller mid-training
+    before = state_hash(model)
+    batches = [torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+
+    def loss_fn(m: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return m(*batch).pow(2).mean()  # a batch is the tuple of model inputs
+
+    res = idap_fx.optimize(model, batches[0], calibration=batches, target_macs=0.6, budget=None,
+                           importance="taylor", loss_fn=loss_fn, quiet=True)  # fmt: skip
+    assert state_hash(model) == before
+    assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in model.parameters())
+    theirs = {p.data_ptr() for p in model.parameters()}
+    assert not any(p.data_ptr() in theirs for p in res.model.parameters())
+    same = idap_fx.optimize(model, batches[0], calibration=batches, target_macs=0.5, budget=None, quiet=True,
+                            ignored_layers=[nn.Conv2d, nn.Linear], strict=False)  # fmt: skip
+    assert same.report.macs_ratio == 1.0  # nothing rewritten
+    assert not any(p.data_ptr() in theirs for p in same.model.parameters())
+    assert torch.equal(same.model(batches[0]), model(batches[0]))
