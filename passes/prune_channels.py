@@ -305,7 +305,11 @@ class PruneChannels(IdapPass):
             shown += f", the same model as {first}" if first != name else ""
             tried.append(f"{name} {shown} (MACs {macs / max(self.ctx.macs0, 1):.3f})")
             if best is None or key < best[0]:
+                if best is not None and best[2].graph_module is not graph_module:
+                    discard(best[2].graph_module)
                 best = (key, name, result, self.record, kept)
+            elif result.graph_module is not graph_module:
+                discard(result.graph_module)
         assert best is not None
         _, name, result, record, (items, metrics) = best
         self.allocator, self.ctx = name, ctx
