@@ -10,8 +10,9 @@ The ratio optimize / plain is the figure (goal ≤ 1.5×). Models: ResNet-50 and
 (``weights=None``, seeded), 4 calibration batches of 8 images at 224×224, 1 torch thread.
 Writes ``bench/results/peak_memory.{json,md}`` (models not measured in a run keep their earlier row).
 
-    .venv/bin/python bench/peak_memory.py                 # both models (≈ 10 min on 2 cores)
+    .venv/bin/python bench/peak_memory.py                 # both models (about an hour on 2 cores)
     .venv/bin/python bench/peak_memory.py --models resnet50
+    .venv/bin/python bench/peak_memory.py --merge peak_memory_r50   # rows of a run with --out peak_memory_r50
 """
 
 from __future__ import annotations
@@ -84,9 +85,17 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=list(MODELS))
     p.add_argument("--out", default="peak_memory", help="results name under bench/results/")
+    p.add_argument(
+        "--merge", nargs="*", default=[], help="also take these results names' rows (run nothing new)"
+    )
     args = p.parse_args(argv)
     path = RESULTS / f"{args.out}.json"
     earlier = json.loads(path.read_text())["data"] if path.is_file() else []
+    if args.merge:  # rows measured by separate runs (--out NAME), the later file winning per model
+        for name in args.merge:
+            merged = json.loads((RESULTS / f"{name}.json").read_text())["data"]
+            earlier = [r for r in earlier if r["model"] not in {m["model"] for m in merged}] + merged
+        args.models = []
     rows = [r for r in earlier if r["model"] not in args.models]  # keep the models not re-measured
     for name in args.models:
         plain, opt = measure(name, "plain"), measure(name, "optimize")
