@@ -41,7 +41,7 @@ from idap_fx.method.schedule import Schedule, get_schedule
 from idap_fx.method.scoring import Importance, Scores, ScoringContext, get_importance
 from idap_fx.metrics import count_macs, count_params, fingerprint
 from idap_fx.options import PruneOptions
-from idap_fx.rewrite.surgery import discard, prune
+from idap_fx.rewrite.surgery import discard, prune, return_free_memory
 
 
 @dataclass
@@ -403,6 +403,7 @@ class PruneChannels(IdapPass):
             if current is not graph_module:  # a step's model of ours, replaced: not the pass's input
                 discard(current)
             current, modified = accepted, True
+            return_free_memory()
             last = record.steps[-1]
             if self._reached(last["macs"], last["params"]):
                 record.stop_reason = "target reached"

@@ -26,7 +26,7 @@ from idap_fx.method.skip_scores import layer_scores
 from idap_fx.metrics import count_macs, count_params
 from idap_fx.options import SkipOptions
 from idap_fx.rewrite.skip_candidates import Candidate, find_candidates, remove
-from idap_fx.rewrite.surgery import discard
+from idap_fx.rewrite.surgery import discard, return_free_memory
 
 
 class SkipLayers(IdapPass):
@@ -119,6 +119,7 @@ class SkipLayers(IdapPass):
                 )
             discard(current)  # the pass input's modules live on in the input itself
             current, quality, macs, params = trial, new_quality, new_macs, new_params
+            return_free_memory()
             cands, scores, fits = self._scored(current)
         if rec.removed and ctx.recovery.trains:
             current = self._final_recovery(current, graph_module)
