@@ -189,8 +189,13 @@ def distill(
     patience: int = 5,
     progress: Callable[[Iterable[Any]], Iterable[Any]] = lambda it: it,
     data_parallel: bool = True,
+    micro_batch: int | None = None,
 ) -> RecoveryRecord:
     """Train ``student`` in place to match ``teacher`` (method notes §5); return what it bought.
+
+    ``micro_batch`` (one process only) splits each batch into parts of that many samples and
+    accumulates their gradients: the same step (the losses are means over the batch), with the
+    activations of one part alive at a time.
 
     With ``measure`` the student is measured every ``eval_every`` steps (default: a fifth of
     ``steps``, else 10) and after the last one; the best weights, the starting ones included,
@@ -218,13 +223,13 @@ def distill(
     batches = _loader(train_loader)
     iterator = itertools.islice(batches, steps) if steps is not None else batches
     done, stop, measured = 0, "steps done" if steps is not None else "loader exhausted", True
+    split = micro_batch if runner is train_module else None
     for batch in progress(iterator):
-        with torch.enable_grad():  # training, even when the caller runs optimize under torch.no_grad()
-            loss = _distill_loss(
-                runner, tapped_t, batch_args(batch), n_inputs, feature_weight if names else 0.0
-            )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+        opt.zero_grad(set_to_none=True)
+        for args, share in _parts(batch_args(batch), split):
+            with torch.enable_grad():  # training, even when the caller runs optimize under torch.no_grad()
+                loss = _distill_loss(runner, tapped_t, args, n_inputs, feature_weight if names else 0.0)
+                (loss * share).backward()
         opt.step()
         done += 1
         measured = done % every == 0
@@ -238,7 +243,24 @@ def distill(
     return RecoveryRecord("distill", best.first, best.best, done, best.best_step if measure else done, stop)
 
 
-PROBE_STEPS, PROBE_LR = 30, 1e-3
+def _parts(args: tuple[Any, ...], size: int | None) -> list[tuple[tuple[Any, ...], float]]:
+    """``args`` cut along the batch dim into parts of ``size`` samples, each with its share of the batch."""
+    first = next((a for a in args if isinstance(a, torch.Tensor) and a.dim() > 0), None)
+    if size is None or first is None or first.shape[0] <= size:
+        return [(args, 1.0)]
+    n = first.shape[0]
+    cut = [
+        a.split(size) if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == n else None
+        for a in args
+    ]
+    count = len(range(0, n, size))
+    return [
+        (tuple(a if c is None else c[k] for a, c in zip(args, cut, strict=True)), min(size, n - k * size) / n)
+        for k in range(count)
+    ]
+
+
+PROBE_STEPS, PROBE_LR, PROBE_MICRO_BATCH = 30, 1e-3, 2
 
 
 def recoverability(
@@ -267,8 +289,9 @@ def recoverability(
         batches = itertools.islice(itertools.cycle(train), steps)
         try:
             record = distill(
-                probe, teacher, batches, steps=steps, lr=lr, measure=measure, data_parallel=False
-            )
+                probe, teacher, batches, steps=steps, lr=lr, measure=measure, data_parallel=False,
+                micro_batch=PROBE_MICRO_BATCH,  # a probe's training memory stays near a forward's
+            )  # fmt: skip
         except DivergedError:  # e.g. float16 training at the probe's lr: the candidate keeps its start
             return measure(student)
     return math.inf if record.after is None else record.after

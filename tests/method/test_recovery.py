@@ -255,3 +255,17 @@ def test_distillation_trains_when_the_caller_is_under_no_grad() -> None:
         )
     assert not _same(_state(student), start)
     assert any("distillation probe" in n for n in res.report.notes), res.report.notes
+
+
+def test_micro_batches_take_the_same_step_with_less_memory() -> None:
+    """Gradients accumulated over parts of a batch (weighted by their share) equal the whole batch's, with
+    labels and feature losses too; an odd batch size leaves a smaller last part."""
+    teacher, student = _damaged_student()
+    batches = [(x, y) for x, y in _noisy_labels(3)]
+    batches[1] = (batches[1][0][:7], batches[1][1][:7])  # 7 samples: parts of 3, 3 and 1
+    whole, parts = copy.deepcopy(student), copy.deepcopy(student)
+    distill(whole, teacher, batches, steps=3, lr=1e-2)
+    distill(parts, teacher, batches, steps=3, lr=1e-2, micro_batch=3)
+    a, b = whole.state_dict(), parts.state_dict()
+    assert not torch.equal(a["0.weight"], student.state_dict()["0.weight"])  # it trained
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in a)
