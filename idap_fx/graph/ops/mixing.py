@@ -108,11 +108,14 @@ def padded_axes(ctx, node: fx.Node, lay: Layout, pad: Sequence[Any]) -> Layout:
     return _drop_axes(ctx, node, lay, padded)
 
 
-def _drop_axes(ctx, node: fx.Node, lay: Layout, mixed: set[int]) -> Layout:
+def _drop_axes(
+    ctx, node: fx.Node, lay: Layout, mixed: set[int], why: str = "channels on a pooled/resized dim"
+) -> Layout:
+    """``lay`` without the channel axes on ``mixed`` dims, which freeze (``why``)."""
     axes = []
     for ax in lay.axes:
         if set(ax.dims) & mixed:
-            ctx.coupling.freeze(ax.ids, f"{node.name}: channels on a pooled/resized dim")
+            ctx.coupling.freeze(ax.ids, f"{node.name}: {why}")
         else:
             axes.append(ax)
     return Layout(lay.ndim, tuple(axes))
@@ -161,13 +164,7 @@ def _roll(ctx, node: fx.Node) -> Layout:
         moved = set(range(lay.ndim))
     else:
         moved = {norm_dim(d, lay.ndim) for d in (dims if isinstance(dims, (list, tuple)) else [dims])}
-    axes = []
-    for ax in lay.axes:
-        if set(ax.dims) & moved:
-            ctx.coupling.freeze(ax.ids, f"{node.name}: {name} moves channels")
-        else:
-            axes.append(ax)
-    return Layout(lay.ndim, tuple(axes))
+    return _drop_axes(ctx, node, lay, moved, f"{name} moves channels")
 
 
 @register(operator.matmul, torch.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm")
