@@ -293,3 +293,79 @@ def test_phi_and_clip_heads_and_mlp_widths_prune_exactly(hf: ModuleType, name: s
     with torch.no_grad():
         assert rel_err(pruned(*x), masked(*x)) <= 1e-4
         assert rel_err(pruned(*x), gm(*x)) > 1e-3
+
+
+FALCON = {  # variant -> (config, attention implementation, exact group sizes per layer)
+    "new-gqa": (
+        {"new_decoder_architecture": True, "num_kv_heads": 2},
+        "eager",
+        [2, FFN],
+    ),  # a unit: a KV head
+    "new-sdpa": ({"new_decoder_architecture": True, "num_kv_heads": HEADS}, "sdpa", [HEADS, FFN]),
+    "classic": ({"multi_query": False, "bias": True}, "eager", [HEADS, FFN]),
+    "multi-query": ({"multi_query": True}, "eager", [FFN]),  # one key/value head for all: query heads freeze
+}
+
+
+@pytest.mark.parametrize("variant", sorted(FALCON))
+def test_falcon_heads_and_mlp_widths_prune_exactly(hf: ModuleType, variant: str) -> None:
+    """Falcon's linears are ``x @ self.weight.T`` (no layer op: every weight was "used by no channel-aware op");
+    the new decoder copies key / value heads to the query's shape with ``broadcast_to(k, q.shape)``."""
+    from idap_fx.capture.hf import trace_hf
+
+    cfg, attn, sizes = FALCON[variant]
+    torch.manual_seed(0)
+    config = hf.FalconConfig(
+        vocab_size=64, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        ffn_hidden_size=FFN, attn_implementation=attn, **cfg,
+    )  # fmt: skip
+    x = _inputs(2, 7)
+    gm = trace_hf(hf.FalconModel(config).eval(), ["input_ids", "attention_mask"], x)
+    dg = idap_fx.analyze(gm)
+    exact = [g for g in dg.prunable if g.exact]
+    assert sorted(g.size for g in exact) == sorted(sizes * LAYERS), [(g.id, g.size) for g in exact]
+    plan = {g.id: [1] if g.size == 2 else [1, 3] for g in exact}
+    pruned, masked = idap_fx.prune(gm, plan, dg), idap_fx.mask(gm, plan, dg)
+    with torch.no_grad():
+        assert rel_err(pruned(*x), masked(*x)) <= 1e-4
+        assert rel_err(pruned(*x), gm(*x)) > 1e-3
+        other = _inputs(3, 5)
+        assert rel_err(pruned(*other), masked(*other)) <= 1e-4
+    if variant == "new-gqa":
+        qkv = pruned.state_dict()["h.0.self_attention.query_key_value.weight"]
+        assert qkv.shape == (
+            (HEADS // 2 + 2) * HEAD_DIM,
+            HIDDEN,
+        )  # one KV head left, with its two query heads
+        with tempfile.TemporaryDirectory() as d:
+            assert idap_fx.export_onnx(pruned, x, f"{d}/falcon.onnx").max_rel_error <= 1e-4
+
+
+def test_exported_falcon_keeps_kv_heads(hf: ModuleType) -> None:
+    """The same on a ``torch.export`` program: ``.T`` is ``aten.permute``, the list index an ``aten.index``
+    with a constant tensor, ``broadcast_to`` an ``aten.expand`` with literal sizes, the causal mask a ``triu``."""
+    from idap_fx.capture.torch_export import from_exported
+
+    class Hidden(torch.nn.Module):
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.model(input_ids=ids).last_hidden_state
+
+    torch.manual_seed(0)
+    config = hf.FalconConfig(
+        vocab_size=64, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        ffn_hidden_size=FFN, new_decoder_architecture=True, num_kv_heads=2, attn_implementation="sdpa",
+    )  # fmt: skip
+    ids = _inputs(2, 7)[0]
+    gm = from_exported(torch.export.export(Hidden(hf.FalconModel(config).eval()), (ids,), strict=False))
+    dg = idap_fx.analyze(gm)
+    assert not dg.boundaries
+    exact = [g for g in dg.prunable if g.exact]
+    assert sorted(g.size for g in exact) == [2] * LAYERS + [FFN] * LAYERS
+    plan = {g.id: [1] if g.size == 2 else [1, 3] for g in exact}
+    pruned, masked = idap_fx.prune(gm, plan, dg), idap_fx.mask(gm, plan, dg)
+    with torch.no_grad():
+        assert rel_err(pruned(ids), masked(ids)) <= 1e-4 and rel_err(pruned(ids), gm(ids)) > 1e-3

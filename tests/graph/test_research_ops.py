@@ -254,6 +254,46 @@ def test_literal_list_index_and_weight_transpose_keep_heads_exact() -> None:
     _exact_oracle(gm, dg, x)
 
 
+class MatmulLayers(nn.Module):
+    """Falcon's linears (``x @ self.weight.T``, no layer op) around a grouped-query attention whose key and
+    value heads are copied to the query's shape with ``broadcast_to(k, q.shape)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Parameter(torch.randn(2 * (2 + 2) * 4, 8) / 3)  # 2 KV heads, 2 query heads each, hd 4
+        self.out = nn.Parameter(torch.randn(8, 16) / 4)
+        self.up, self.down = nn.Parameter(torch.randn(12, 8) / 3), nn.Parameter(torch.randn(8, 12) / 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        qkv = (x @ self.qkv.T).view(b, t, 2, 4, 4)  # (KV heads, 2 query + key + value, head_dim)
+        q, k, v = qkv[:, :, :, :-2], qkv[:, :, :, [-2]], qkv[:, :, :, [-1]]
+        k, v = torch.broadcast_to(k, q.shape), torch.broadcast_to(v, q.shape)
+        q, k, v = (z.flatten(2, 3).transpose(1, 2) for z in (q, k, v))
+        att = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, -1)
+        h = x + att @ self.out.T
+        return h + F.gelu(h @ self.up.t()) @ self.down.T
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_matmul_with_a_weight_is_a_layer_and_broadcast_to_keeps_kv_heads(capture: str) -> None:
+    """The weights were "used by no channel-aware op" and ``broadcast_to`` had no rule: nothing was prunable."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    gm = _capture(MatmulLayers().eval(), x, capture)
+    dg = idap_fx.analyze(gm)
+    assert not dg.boundaries
+    heads, mlp = _group(dg, "qkv", 0), _group(dg, "up", 0)
+    assert heads.prunable and heads.exact and heads.size == 2, heads.frozen_reason  # a unit: a KV head
+    assert mlp.prunable and mlp.exact and mlp.size == 12 and _group(dg, "down", 1) is mlp
+    assert _group(dg, "out", 1) is heads
+    plan = {heads.id: [0], mlp.id: [1, 5, 7]}
+    pruned, masked = idap_fx.prune(gm, plan, dg), idap_fx.mask(gm, plan, dg)
+    assert pruned.state_dict()["qkv"].shape == (16, 8) and pruned.state_dict()["down"].shape == (8, 9)
+    with torch.no_grad():
+        assert rel_err(pruned(x), masked(x)) <= 1e-5 and rel_err(pruned(x), gm(x)) > 1e-3
+
+
 def test_literal_list_index_on_a_channel_dim_freezes_it() -> None:
     class Pick(nn.Module):
         def __init__(self) -> None:

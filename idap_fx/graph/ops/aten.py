@@ -91,12 +91,6 @@ def _pad(ctx, node: fx.Node) -> Layout:
     return mixing.padded_axes(ctx, node, ctx.layout(node.args[0]), node.args[1])
 
 
-@register(aten.t.default)
-def _t(ctx, node: fx.Node) -> Layout:
-    lay = ctx.layout(node.args[0])
-    return lay.moved({0: 1, 1: 0}, 2) if lay.ndim == 2 else lay
-
-
 def _conv_args(node: fx.Node) -> tuple[fx.Node, fx.Node, Any, int]:
     """(input, weight, bias, groups) of ``aten.conv{1,2,3}d`` / ``aten.convolution``."""
     if node.target is aten.convolution.default:
@@ -255,25 +249,36 @@ def embed(ctx, node: fx.Node, weight: fx.Node, indices: fx.Node) -> Layout:
     return Layout(lay_i.ndim + 1, (*lay_i.axes, Axis((lay_i.ndim,), out_ids)))
 
 
-@register(aten.slice.Tensor)
+def _slice_args(node: fx.Node, ndim: int) -> tuple[int, Any, Any, Any]:
+    """(dim, start, end, step) of ``aten.slice.Tensor``."""
+    dim = shape.norm_dim(node.args[1] if len(node.args) > 1 else 0, ndim)
+    start, end, step = (list(node.args[2:]) + [None, None, 1][len(node.args[2:]) :])[:3]
+    return dim, start, end, step
+
+
+def _fix_slice(rw: Rewrite, node: fx.Node) -> None:
+    """Literal bounds on a dim that lost positions count only the positions kept before them."""
+    src = node.args[0]
+    size = src.meta["tensor_meta"].shape
+    dim, start, end, step = _slice_args(node, len(size))
+    if indexing.keeps_whole(start, end, step, size[dim]) or not indexing._literal(slice(start, end, step)):
+        return
+    keep = rw.kept(src, dim)
+    if not keep.all():
+        lo, hi, _ = slice(start, end).indices(keep.size)
+        node.args = (src, dim, int(keep[:lo].sum()), int(keep[:hi].sum()), *node.args[5:])
+
+
+@register(aten.slice.Tensor, fix=_fix_slice)
 def _slice(ctx, node: fx.Node) -> Layout:
-    """``x[..., start:end:step, ...]`` on one dim: a whole-dim slice passes channels, a partial one freezes them."""
+    """``x[..., start:end:step, ...]`` on one dim: the ``getitem`` rule for that one slice (literal bounds on
+    a dim that shrinks are rewritten, any slice of a fixed sub-dim such as RoPE's halves stays)."""
     lay = ctx.layout(node.args[0])
     size = ctx.shape(node.args[0])
-    dim = shape.norm_dim(node.args[1] if len(node.args) > 1 else 0, lay.ndim)
-    start, end, step = (list(node.args[2:]) + [None, None, 1])[:3]
+    dim, start, end, step = _slice_args(node, lay.ndim)
     if indexing.keeps_whole(start, end, step, size[dim]):
         return lay
-    empty = indexing.stays_empty(start, size[dim])  # a zero-size slice (partial rotary's empty pass-through)
-    axes = []
-    for ax in lay.axes:
-        if dim in ax.dims and not empty:
-            ctx.coupling.freeze(ax.ids, f"{node.name}: slices channels")
-        elif dim in ax.dims:
-            continue
-        else:
-            axes.append(ax)
-    return Layout(lay.ndim, tuple(axes))
+    return indexing._index_tensor(ctx, node, lay, (*[slice(None)] * dim, slice(start, end, step)))
 
 
 @register(aten.select.int)

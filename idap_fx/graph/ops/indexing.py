@@ -70,6 +70,37 @@ def _getitem(ctx, node: fx.Node) -> Any:
     return _index_tensor(ctx, node, value, index)
 
 
+def _constant_positions(ctx, it: Any) -> Any:
+    """A constant 1-D integer index tensor (``get_attr``) as its list of positions; anything else as it is."""
+    source = it
+    while (
+        isinstance(source, fx.Node) and source.target is torch.ops.aten.clone.default
+    ):  # export copies constants
+        source = source.args[0]
+    if not (isinstance(source, fx.Node) and source.op == "get_attr"):
+        return it
+    value = ctx.gm
+    for part in source.target.split("."):
+        value = getattr(value, part)
+    if (
+        isinstance(value, torch.Tensor)
+        and value.ndim == 1
+        and not value.is_floating_point()
+        and value.dtype != torch.bool
+    ):
+        return [int(k) for k in value.tolist()]
+    return it
+
+
+@register(torch.ops.aten.index.Tensor)
+def _aten_index(ctx, node: fx.Node) -> Layout:
+    """``aten.index.Tensor(x, [None, ..., idx])``: ``None`` keeps a dim whole; a constant index tensor is
+    the literal list it was written as (Falcon's ``qkv[:, :, :, [-2]]`` once exported)."""
+    src, indices = node.args
+    items = tuple(slice(None) if it is None else _constant_positions(ctx, it) for it in indices)
+    return _index_tensor(ctx, node, ctx.layout(src), items)
+
+
 def keeps_whole(start: Any, stop: Any, step: Any, size: int) -> bool:
     """Whether ``[start:stop:step]`` keeps a dim of ``size`` whole (and stays whole when it shrinks)."""
     return (

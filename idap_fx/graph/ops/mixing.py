@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from idap_fx.graph.layout import Axis, Layout
+from idap_fx.graph.ops.linalg import contract
 from idap_fx.graph.ops.merge import Operand, collapse, merge, to_layout
 from idap_fx.graph.ops.registry import register
 from idap_fx.graph.ops.shape import arg, norm_dim
@@ -121,6 +122,13 @@ def _drop_axes(
     return Layout(lay.ndim, tuple(axes))
 
 
+@register(torch.triu, torch.tril, "triu", "tril", torch.ops.aten.triu.default, torch.ops.aten.tril.default)
+def _triangle(ctx, node: fx.Node) -> Layout:
+    """``triu`` / ``tril`` (causal masks) keep entries by position in the last two dims: channels there freeze."""
+    lay = ctx.layout(node.args[0])
+    return _drop_axes(ctx, node, lay, {lay.ndim - 2, lay.ndim - 1}, "keeps entries by position")
+
+
 def spatial_axes(ctx, node: fx.Node, lay: Layout, n: int) -> Layout:
     """The layout with its last ``n`` (spatial) dims mixed: channel axes on them are frozen and dropped."""
     return _drop_axes(ctx, node, lay, set(range(lay.ndim - n, lay.ndim)))
@@ -167,12 +175,28 @@ def _roll(ctx, node: fx.Node) -> Layout:
     return _drop_axes(ctx, node, lay, moved, f"{name} moves channels")
 
 
+_VIEWS_OF_WEIGHT = {"T", "mT", "t", "transpose", "permute", torch.t, torch.transpose, torch.permute}
+_ATEN_VIEWS_OF_WEIGHT = {"t.default", "transpose.int", "permute.default"}
+
+
+def _weight_matrix(node: object) -> bool:
+    """Whether ``node`` is a parameter matrix, possibly transposed (``self.weight.T``, ``w.t()``)."""
+    while isinstance(node, fx.Node) and node.op in ("call_function", "call_method"):
+        target = node.args[1] if node.target is getattr else node.target
+        if target not in _VIEWS_OF_WEIGHT and getattr(target, "__name__", None) not in _ATEN_VIEWS_OF_WEIGHT:
+            return False
+        node = node.args[0]
+    return isinstance(node, fx.Node) and node.op == "get_attr"
+
+
 @register(operator.matmul, torch.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm")
 def _matmul(ctx, node: fx.Node) -> Layout:
     a, b = node.args[0], node.args[1]
     sa, sb, out = ctx.shape(a), ctx.shape(b), ctx.shape(node)
     if len(sa) < 2 or len(sb) < 2:
         raise ValueError("1-D matmul")
+    if len(sb) == 2 and _weight_matrix(b):  # ``x @ W.T`` (Falcon's linears): a layer, as F.linear is
+        return contract(ctx, node, 0, b, 0, None)
     nd = len(out)
     la = {d: nd - 2 - (len(sa) - 2) + d for d in range(len(sa) - 2)}
     la.update({len(sa) - 2: nd - 2, len(sa) - 1: "K"})

@@ -315,6 +315,13 @@ def _tensor_attribute(ctx, node: fx.Node) -> Layout:
     raise ValueError(f"tensor attribute {name!r}")
 
 
+@register("t", torch.t, torch.ops.aten.t.default)
+def _t(ctx, node: fx.Node) -> Layout:
+    """``w.t()``: swaps the two dims of a matrix (a vector or a scalar passes)."""
+    lay = ctx.layout(node.args[0])
+    return lay.moved({d: lay.ndim - 1 - d for d in range(lay.ndim)}, lay.ndim)
+
+
 @register("transpose", "swapaxes", torch.transpose, torch.swapaxes)
 def _transpose(ctx, node: fx.Node) -> Layout:
     lay = ctx.layout(node.args[0])
@@ -327,13 +334,64 @@ def _transpose(ctx, node: fx.Node) -> Layout:
 
 @register("expand", fix=fix_shape_args)
 def _expand(ctx, node: fx.Node) -> Layout:
+    """``x.expand(*sizes)``: broadcast dims; a size-1 fixed sub-dim of a head axis (Falcon's key head beside its
+    query heads, once exported) repeats each head's elements, so the head stays one unit."""
     src = node.args[0]
-    lay, shape, out = ctx.layout(src), ctx.shape(src), ctx.shape(node)
+    lay, shape, out = ctx.layout(src), list(ctx.shape(src)), ctx.shape(node)
     off = len(out) - len(shape)
+    axes = []
+    for ax in lay.axes:
+        wide = [d for d in ax.dims if shape[d] == 1 and out[d + off] > 1 and ax.free not in (None, d)]
+        if wide:
+            for d in wide:
+                shape[d] = out[d + off]
+            ax = Axis(ax.dims, np.broadcast_to(ax.ids, [shape[d] for d in ax.dims]), ax.free)
+        axes.append(ax)
+    lay = Layout(lay.ndim, tuple(axes))
     op = Operand(lay, shape, {d: d + off for d in range(len(shape))})
     result = to_layout(len(out), merge(ctx.coupling, node.name, [op]), {d: d for d in range(len(out))})
     check_size_args(ctx, node, lay, result)
     return result
+
+
+def _shape_of(size: Any) -> fx.Node | None:
+    """The tensor whose whole shape ``size`` is (``t.shape``, ``t.size()``), else None."""
+    if not isinstance(size, fx.Node):
+        return None
+    if size.op == "call_function" and size.target is getattr and size.args[1] == "shape":
+        return size.args[0]
+    if size.op == "call_method" and size.target == "size" and len(size.args) == 1 and not size.kwargs:
+        return size.args[0]
+    return None
+
+
+def fix_broadcast_to(rw: Rewrite, node: fx.Node) -> None:
+    """Literal sizes follow the new widths (as ``expand``); a shape read off a tensor adapts by itself."""
+    if not isinstance(node.args[1], fx.Node):
+        fix_shape_args(rw, node)
+
+
+@register(torch.broadcast_to, "broadcast_to", fix=fix_broadcast_to)
+def _broadcast_to(ctx, node: fx.Node) -> Layout:
+    """``broadcast_to(x, t.shape)`` (Falcon's key / value heads to the query's shape): the output has ``t``'s
+    channels; each axis of ``x`` lies on the same dims of an axis of ``t`` and is coupled with it position by
+    position, copies along broadcast sub-dims included (a KV head with the query heads it serves).
+    Literal sizes are ``expand``."""
+    other = _shape_of(node.args[1])
+    if other is None:
+        return _expand(ctx, node)
+    src = node.args[0]
+    shape, out = ctx.shape(src), ctx.shape(node)
+    off = len(out) - len(shape)
+    target = ctx.layout(other)
+    for ax in ctx.layout(src).axes:
+        dims = tuple(d + off for d in ax.dims)
+        mine = target.axis_of(dims[0])
+        if mine is None or mine.dims != dims:
+            ctx.coupling.freeze(ax.ids, f"{node.name}: broadcast onto dims of another channel layout")
+            continue
+        ctx.coupling.union(np.broadcast_to(ax.ids, mine.ids.shape).ravel(), mine.ids.ravel(), node.name)
+    return target
 
 
 @register("reshape_as", "view_as")
