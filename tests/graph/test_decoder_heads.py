@@ -369,3 +369,37 @@ def test_exported_falcon_keeps_kv_heads(hf: ModuleType) -> None:
     pruned, masked = idap_fx.prune(gm, plan, dg), idap_fx.mask(gm, plan, dg)
     with torch.no_grad():
         assert rel_err(pruned(ids), masked(ids)) <= 1e-4 and rel_err(pruned(ids), gm(ids)) > 1e-3
+
+
+def test_whisper_encoder_heads_and_mlp_widths_through_torch_export(hf: ModuleType) -> None:
+    """Whisper's audio encoder (two convolutions over mel bins, sinusoidal positions, pre-LN layers). Hugging
+    Face's fx tracer cannot trace it (its dummy inputs need config fields Whisper lacks); ``torch.export``
+    can: per layer one exact head group and one exact MLP group, prune == mask."""
+    from idap_fx.capture.torch_export import from_exported
+
+    class Hidden(torch.nn.Module):
+        def __init__(self, encoder: torch.nn.Module) -> None:
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, features: torch.Tensor) -> torch.Tensor:
+            return self.encoder(features).last_hidden_state
+
+    torch.manual_seed(0)
+    config = hf.WhisperConfig(
+        vocab_size=64, d_model=HIDDEN, encoder_layers=LAYERS, decoder_layers=LAYERS, encoder_attention_heads=HEADS,
+        decoder_attention_heads=HEADS, encoder_ffn_dim=FFN, decoder_ffn_dim=FFN, num_mel_bins=16,
+        max_source_positions=20, max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        decoder_start_token_id=1,
+    )  # fmt: skip
+    x = torch.randn(2, 16, 40)
+    encoder = Hidden(hf.WhisperModel(config).get_encoder().eval())
+    gm = from_exported(torch.export.export(encoder, (x,), strict=False))
+    dg = idap_fx.analyze(gm)
+    assert not dg.boundaries
+    exact = [g for g in dg.prunable if g.exact and g.size in (HEADS, FFN)]
+    assert sorted(g.size for g in exact) == [HEADS] * LAYERS + [FFN] * LAYERS, [(g.id, g.size) for g in exact]
+    plan = {g.id: [1, 3] for g in exact}
+    pruned, masked = idap_fx.prune(gm, plan, dg), idap_fx.mask(gm, plan, dg)
+    with torch.no_grad():
+        assert rel_err(pruned(x), masked(x)) <= 1e-4 and rel_err(pruned(x), gm(x)) > 1e-3
