@@ -38,7 +38,7 @@ MIN_KEEP = 0.25
 ROUND_TO = 8
 """Default width alignment, shared by the API, the CLI and the demo: ONNX Runtime's convolutions run
 fastest on widths that are multiples of 8 (``bench/latency.py``)."""
-COMPENSATION = "least_squares"
+COMPENSATION = "reconstruct"
 """What ``compensation=True`` runs after every stage-1 step (``idap_fx.method.compensation``)."""
 
 

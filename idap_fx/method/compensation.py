@@ -12,6 +12,11 @@ For every conv (groups = 1) or linear layer that loses input channels:
   batches collects each consumer's input second moments (summed in float64, all-reduced under
   ``torch.distributed``); consumers are taken in chunks so the moments never exceed
   ``_GRAM_BUDGET`` numbers at once.
+* ``reconstruct``: ``least_squares``, then every conv (groups = 1) / linear layer of the pruned
+  model, in graph order, is re-fitted (ridge, weight and bias) so that from the inputs the pruned
+  model now gives it, it reproduces the output the model had before the step on the rows it
+  keeps. Each fit sees the layers before it already re-fitted, so errors do not pile up with
+  depth. One partial forward pass of both models over the calibration batches per layer.
 """
 
 from __future__ import annotations
@@ -28,9 +33,19 @@ from idap_fx.graph.dependency import DependencyGraph, Plan
 from idap_fx.method.channel_stats import Site, batch_args
 from idap_fx.method.collective import reducer
 
-MODES = ("mean", "least_squares")
+MODES = ("mean", "least_squares", "reconstruct")
 _GRAM_BUDGET = 1 << 23  # float64 numbers of input moments held at once (64 MiB)
 RIDGE = 1e-2  # ridge, relative to the kept inputs' mean variance
+REFIT_RIDGES = (
+    1e-4,
+    1e-3,
+    1e-2,
+    1e-1,
+    1.0,
+)  # ``reconstruct``'s candidate strengths, relative to the mean XᵀX diagonal
+REFIT_MAX_INPUTS = (
+    2049  # wider layers (inputs × kernel + 1) keep their compensated weights: moments stay small
+)
 
 
 @dataclass
@@ -95,14 +110,15 @@ def compensate(
 
     ``least_squares`` reads ``batches`` (the calibration batches), ``mean`` the ``sites``.
     """
-    if mode == "least_squares":
+    if mode in ("least_squares", "reconstruct"):
         if not batches:
-            raise IdapError("least-squares compensation needs calibration batches")
+            raise IdapError(f"{mode} compensation needs calibration batches")
         found = consumers(before, dg, plan)
         for chunk in _chunks(before, found):
             for c, moments in zip(chunk, _moments(before, chunk, batches), strict=True):
                 _fold(before, after, c, *_regression(c, *moments))
-        return len(found)
+        refitted = reconstruct(before, after, dg, plan, batches) if mode == "reconstruct" else []
+        return len({c.target for c in found} | set(refitted))
     found = consumers(before, dg, plan, sites)
     for c in found:
         _fold(before, after, c, None, c.mean[c.gone])
@@ -191,3 +207,177 @@ def _fold(
             target.bias = nn.Parameter(delta.clone())
         else:
             target.bias.add_(delta)
+
+
+class _Stepper:
+    """Runs a GraphModule one node at a time on every calibration batch at once, so ``reconstruct`` can
+    stop before a layer, re-fit it and go on: one forward per batch in all, with the live values of
+    every batch held together (a forward over all the calibration data as one batch)."""
+
+    def __init__(self, gm: fx.GraphModule, batches: Sequence[Any]) -> None:
+        self.nodes = list(gm.graph.nodes)
+        self.pos = 0
+        self.runs = []
+        for batch in batches:
+            run = fx.Interpreter(gm, garbage_collect_values=True)
+            run.args_iter = iter(batch_args(batch))
+            run.env = {}
+            self.runs.append(run)
+
+    def until(self, name: str) -> fx.Node | None:
+        """Run every node before the one called ``name`` and return it (None: the graph has no such node)."""
+        while self.pos < len(self.nodes):
+            node = self.nodes[self.pos]
+            if node.name == name:
+                return node
+            self.step()
+        return None
+
+    def step(self) -> fx.Node:
+        """Run the next node on every batch (values no later node reads are dropped)."""
+        node = self.nodes[self.pos]
+        with torch.no_grad():
+            for run in self.runs:
+                run.env[node] = run.run_node(node)
+                for dead in run.user_to_last_uses.get(node, []):
+                    del run.env[dead]
+        self.pos += 1
+        return node
+
+    def values(self, node: fx.Node) -> list[Any]:
+        """``node``'s value on every batch."""
+        return [run.env[node] for run in self.runs]
+
+
+def _features(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Rows = output positions, columns = what the layer multiplies (conv patches via ``unfold``), plus a 1."""
+    if isinstance(mod, nn.Linear):
+        flat = x.reshape(-1, x.shape[-1])
+    else:
+        flat = nn.functional.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)
+        flat = flat.transpose(1, 2).reshape(-1, flat.shape[1])
+    return torch.cat([flat, torch.ones(flat.shape[0], 1, dtype=flat.dtype)], 1).double()
+
+
+def _targets(mod: nn.Module, y: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """The layer's output as (positions, channels), kept rows only."""
+    flat = (
+        y.reshape(-1, y.shape[-1]) if isinstance(mod, nn.Linear) else y.movedim(1, -1).reshape(-1, y.shape[1])
+    )
+    return (flat if rows is None else flat[:, rows]).double()
+
+
+def _refittable(after: fx.GraphModule) -> list[tuple[str, str]]:
+    """(node name, module path) of the conv2d (groups = 1, numeric zero padding) / linear layers called once,
+    with a weight of their own."""
+    calls: dict[str, list[str]] = {}
+    for n in after.graph.nodes:
+        if n.op == "call_module":
+            calls.setdefault(str(n.target), []).append(n.name)
+    uses: dict[int, int] = {}
+    for _, p in after.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    found = []
+    for target, names in calls.items():
+        mod = after.get_submodule(target)
+        if (
+            uses.get(id(getattr(mod, "weight", None)), 0) > 1
+        ):  # tied (an LM head sharing the embedding): not this layer's alone
+            continue
+        conv = (
+            isinstance(mod, nn.Conv2d)
+            and mod.groups == 1
+            and mod.padding_mode == "zeros"
+            and not isinstance(mod.padding, str)
+        )
+        if len(names) == 1 and (conv or isinstance(mod, nn.Linear)):
+            found.append((names[0], target))
+    return found
+
+
+def _ridge(gram: torch.Tensor, cross: torch.Tensor, current: torch.Tensor, lam: float) -> torch.Tensor:
+    """argmin ||X W - Y||² + lam ||W - current||² from ``gram`` = XᵀX and ``cross`` = XᵀY."""
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    return torch.linalg.solve(gram + lam * eye, cross + lam * current)
+
+
+def _error(w: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor) -> float:
+    """||X W - Y||² up to the constant ||Y||², from the moments of the data it is measured on."""
+    return float((w * (gram @ w)).sum() - 2 * (w * cross).sum())
+
+
+def _fit(folds: list[tuple[torch.Tensor, torch.Tensor, float]], current: torch.Tensor) -> torch.Tensor | None:
+    """The refit chosen on held-out data: each ridge strength fits one fold (XᵀX, XᵀY, ||Y||²) and is
+    scored on the other; the current weights compete too. None when no strength beats them by more than
+    rounding (1e-9 of the target's energy): the data cannot improve the layer."""
+    (g_a, c_a, e_a), (g_b, c_b, e_b) = folds
+    scale = float((g_a + g_b).diagonal().mean()) + 1e-12
+    best_lam, best = None, _error(current, g_a, c_a) + _error(current, g_b, c_b) - 1e-9 * (e_a + e_b)
+    for rel in REFIT_RIDGES:
+        lam = rel * scale / 2
+        held_out = _error(_ridge(g_a, c_a, current, lam), g_b, c_b) + _error(
+            _ridge(g_b, c_b, current, lam), g_a, c_a
+        )
+        if held_out < best:
+            best_lam, best = rel * scale, held_out
+    return None if best_lam is None else _ridge(g_a + g_b, c_a + c_b, current, best_lam)
+
+
+def reconstruct(
+    before: fx.GraphModule, after: fx.GraphModule, dg: DependencyGraph, plan: Plan, batches: Sequence[Any]
+) -> list[str]:
+    """Re-fit ``after``'s conv / linear layers in graph order to ``before``'s outputs (see the module doc);
+    return the layers changed.
+
+    Calibration batches alternate between two folds by global index (the same on every rank); a
+    layer's ridge strength is chosen by fitting one fold and measuring the other, and it is left
+    as it is where no strength beats it on held-out data (a classifier over a few pooled images)."""
+    removed = dg.removed_elements(plan)
+    out_rows = {m.node: m.ids for m in dg.members if m.role == "out" and m.dim == 0}
+    first, _ = reducer().offset(len(batches))
+    done = []
+    ahead, behind = _Stepper(after, batches), _Stepper(before, batches)
+    for node, target in _refittable(after):
+        mod = after.get_submodule(target)
+        ids = out_rows.get(node)
+        rows = None if ids is None else torch.from_numpy(~removed[ids])
+        width = mod.weight[0].numel() + 1
+        if (rows is not None and int(rows.sum()) != mod.weight.shape[0]) or width > REFIT_MAX_INPUTS:
+            continue  # rows not recorded for this layer, or moments too large: it stays as compensated
+        here, there = ahead.until(node), behind.until(node)
+        if here is None or there is None or there.target != here.target:
+            break  # the graphs no longer correspond: the layers left stay as compensated
+        inputs = ahead.values(here.args[0])
+        behind.step()
+        targets = behind.values(there)
+        out = mod.weight.shape[0]
+        folds = [
+            [
+                torch.zeros(width, width, dtype=torch.float64),
+                torch.zeros(width, out, dtype=torch.float64),
+                torch.zeros(1, dtype=torch.float64),
+            ]
+            for _ in range(2)
+        ]
+        for k, (x_in, y_out) in enumerate(zip(inputs, targets, strict=True)):
+            x = _features(mod, x_in)
+            y = _targets(mod, y_out, rows)
+            fold = folds[(first + k) % 2]
+            fold[0] += x.T @ x
+            fold[1] += x.T @ y
+            fold[2] += (y * y).sum()
+        reducer().all_sum_([t for f in folds for t in f])
+        w0 = mod.weight.detach().reshape(out, -1).double()
+        b0 = torch.zeros(out, dtype=w0.dtype) if mod.bias is None else mod.bias.detach().double()
+        sol = _fit([(g, c, float(e)) for g, c, e in folds], torch.cat([w0.T, b0[None]], 0))
+        if sol is None:
+            continue
+        with torch.no_grad():
+            mod.weight.copy_(sol[:-1].T.reshape(mod.weight.shape).to(mod.weight.dtype))
+            bias = sol[-1].to(mod.weight.dtype)
+            if mod.bias is None:
+                mod.bias = nn.Parameter(bias.clone())
+            else:
+                mod.bias.copy_(bias)
+        done.append(target)
+    return done

@@ -122,3 +122,56 @@ def test_optimize_accepts_each_mode_and_least_squares_is_closer() -> None:
         notes = " ".join(s["note"] for s in res.report.steps)
         assert (f"({mode})" in notes) == (mode is not False)
     assert errors["least_squares"] < errors["mean"] < errors[False]
+
+
+class _Deep(nn.Module):
+    """Three layers after the pruned one: each sees inputs the pruning changed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 16, 3, padding=1)
+        self.c = nn.Conv2d(16, 8, 1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.b(torch.relu(self.a(x))))
+        return self.fc(torch.relu(self.c(h)).mean(dim=(2, 3)))
+
+
+def _deep(mode: str, batches: list[torch.Tensor], plan_units: list[int]) -> tuple[nn.Module, nn.Module, int]:
+    torch.manual_seed(0)
+    gm = idap_fx.trace(_Deep().eval(), batches[0])
+    dg = idap_fx.analyze(gm)
+    (group,) = [g for g in dg.prunable if any(m.param == "a.weight" for m in g.members)]
+    plan = {group.id: plan_units}
+    after = idap_fx.prune(gm, plan, dg)
+    changed = compensate(gm, after, dg, plan, ScoringContext(gm, dg, batches).sites, mode, batches)
+    return gm, after, changed
+
+
+def test_reconstruct_refits_the_layers_downstream_and_beats_least_squares_on_held_out_data() -> None:
+    """Least squares fixes the one consumer of the removed channels from the old inputs; ``reconstruct`` then
+    re-fits every layer after it on the inputs the pruned model gives it (the nonlinear chain)."""
+    cal, held_out = _batches(8, 0), _batches(4, 9)
+    gm, lsq, n_lsq = _deep("least_squares", cal, list(range(10)))
+    _, rec, n_rec = _deep("reconstruct", cal, list(range(10)))
+    assert n_lsq == 1 and n_rec >= 2  # b (the consumer) and layers after it
+    assert _rel_error(gm, rec, held_out) < 0.8 * _rel_error(gm, lsq, held_out)
+    assert not torch.equal(rec.state_dict()["c.weight"], gm.state_dict()["c.weight"])
+
+
+def test_reconstruct_leaves_layers_the_data_cannot_improve() -> None:
+    """A layer upstream of every change (``a``: same inputs, it keeps its rows' outputs exactly) is left as
+    it was; with a single calibration batch there is no held-out fold, so nothing is re-fitted."""
+    cal = _batches(4, 0)
+    gm, after, _ = _deep("reconstruct", cal, [1, 4])
+    kept = [k for k in range(16) if k not in (1, 4)]
+    torch.testing.assert_close(
+        after.state_dict()["a.weight"], gm.state_dict()["a.weight"][kept], rtol=0, atol=0
+    )
+    gm, lsq, _ = _deep("least_squares", cal[:1], [1, 4])
+    _, one, n = _deep("reconstruct", cal[:1], [1, 4])
+    assert n == 1  # the least-squares consumer only
+    for k, v in lsq.state_dict().items():
+        torch.testing.assert_close(one.state_dict()[k], v)
