@@ -2,7 +2,7 @@
 
 ``optimize(..., keep_snapshots=True)`` records each accepted stage-1 step's plan and each
 accepted stage-2 removal, not a copy of the model. Stage-1 compensation changes the
-consumers of what a step removed: least-squares compensation is re-run when a step is
+consumers of what a step removed: least-squares compensation (and `reconstruct`) is re-run when a step is
 replayed (it is a function of the model before the step and the calibration data), and a
 step stores only the parameters replaying would not reproduce (``mean`` compensation's
 biases: a few KB; measured by ``Snapshots.nbytes``). Replaying the records on a fresh trace
@@ -52,7 +52,7 @@ class Snapshot:
     params: dict[str, torch.Tensor] = field(default_factory=dict)
     candidate: Any = None  # idap_fx.rewrite.skip_candidates.Candidate
     fit: torch.Tensor | None = None  # a stage-2 projection's fitted weights
-    refit: str | None = None  # compensation re-run on replay ("least_squares")
+    refit: str | None = None  # compensation re-run on replay ("least_squares", "reconstruct")
 
 
 @dataclass
@@ -98,7 +98,8 @@ class Snapshots:
     ) -> None:
         """Stage-1 hook: the plan, and every parameter recovery changed that replaying would not redo."""
         rec = self.ctx.recovery
-        refit = "least_squares" if rec.compensation and rec.compensation_mode == "least_squares" else None
+        mode = rec.compensation_mode if rec.compensation else None
+        refit = mode if mode in ("least_squares", "reconstruct") else None
         replayed = self._step(before, dg, plan, refit)
         plain = dict(replayed.named_parameters())
         changed = {

@@ -171,9 +171,9 @@ class Goal(Options):
 class Recovery(Options):
     """How a pruned model is repaired after each accepted change.
 
-    ``compensation`` (stage 1 only; ``True`` = ``COMPENSATION``, or ``"mean"`` /
-    ``"least_squares"``, see ``idap_fx.method.compensation``) folds what the removed channels
-    carried into the next layers; it runs first, then ``fine_tune(model, teacher)`` if given, else
+    ``compensation`` (stage 1 only; ``True`` = ``COMPENSATION``, or ``"mean"`` / ``"least_squares"`` /
+    ``"reconstruct"``, see ``idap_fx.method.compensation``) folds what the removed channels carried
+    into the next layers (``reconstruct`` then re-fits the layers after them); it runs first, then ``fine_tune(model, teacher)`` if given, else
     distillation on ``train_loader`` (``distill_steps`` batches; all of it when None).
     """
 
