@@ -294,6 +294,39 @@ def test_matmul_with_a_weight_is_a_layer_and_broadcast_to_keeps_kv_heads(capture
         assert rel_err(pruned(x), masked(x)) <= 1e-5 and rel_err(pruned(x), gm(x)) > 1e-3
 
 
+class MergedBatchHeads(nn.Module):
+    """Bloom's attention layout: a fused (heads, 3, head_dim) projection read by integer index (``aten.select``
+    once exported), heads merged into the batch dim, a per-head bias added by ``baddbmm``, ``bmm`` after."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.out = nn.Linear(8, 4 * 3 * 2), nn.Linear(8, 8)
+        self.bias = nn.Parameter(torch.randn(4, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        fused = self.qkv(x).view(b, t, 4, 3, 2)
+        q, k, v = (fused[..., i, :].transpose(1, 2).reshape(b * 4, t, 2) for i in range(3))
+        bias = self.bias[None].expand(b, 4, 1, t).reshape(b * 4, 1, t)
+        probs = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=0.5).softmax(-1)
+        att = torch.bmm(probs, v).view(b, 4, t, 2).transpose(1, 2).reshape(b, t, 8)
+        return self.out(att)
+
+
+def test_exported_select_of_a_fused_view_and_baddbmm_keep_heads() -> None:
+    """``aten.select`` on a fixed sub-dim keeps the heads (it froze them: "selects one channel"), and
+    ``baddbmm`` (no rule) couples its bias with the product's heads."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    gm = _capture(MergedBatchHeads().eval(), x, "export")
+    dg = idap_fx.analyze(gm)
+    assert not dg.boundaries
+    heads = _group(dg, "qkv.weight", 0)
+    assert heads.prunable and heads.exact and heads.size == 4, heads.frozen_reason
+    assert _group(dg, "bias", 0) is heads
+    _exact_oracle(gm, dg, x)
+
+
 def test_literal_list_index_on_a_channel_dim_freezes_it() -> None:
     class Pick(nn.Module):
         def __init__(self) -> None:

@@ -283,16 +283,11 @@ def _slice(ctx, node: fx.Node) -> Layout:
 
 @register(aten.select.int)
 def _select(ctx, node: fx.Node) -> Layout:
-    """``x.select(dim, i)``: the dim goes away; channels on it are frozen."""
+    """``x.select(dim, i)`` is ``x[..., i, ...]``: the ``getitem`` rule (an index into a fixed sub-dim, Bloom's
+    q / k / v of a fused ``(heads, 3, head_dim)`` view, keeps the units; on a dim that shrinks it freezes)."""
     lay = ctx.layout(node.args[0])
     dim = shape.norm_dim(node.args[1], lay.ndim)
-    axes = []
-    for ax in lay.axes:
-        if dim in ax.dims:
-            ctx.coupling.freeze(ax.ids, f"{node.name}: selects one channel")
-        else:
-            axes.append(ax.moved({d: d - (d > dim) for d in ax.dims}))
-    return Layout(lay.ndim - 1, tuple(axes))
+    return indexing._index_tensor(ctx, node, lay, (*[slice(None)] * dim, node.args[2]))
 
 
 # one rule for x.unbind(dim) in both spellings: a fixed sub-dim keeps units, channels freeze otherwise

@@ -210,6 +210,23 @@ def _matmul(ctx, node: fx.Node) -> Layout:
     return to_layout(nd, axes, {d: d for d in range(nd)})
 
 
+@register(torch.baddbmm, "baddbmm", torch.ops.aten.baddbmm.default)
+def _baddbmm(ctx, node: fx.Node) -> Layout:
+    """``baddbmm(c, a, b)`` = β·c + α·(a @ b) (Bloom's alibi plus q·kᵀ): the batched product, with ``c``
+    broadcast onto it as in an addition."""
+    c, a, b = node.args[0], arg(node, 1, "batch1"), arg(node, 2, "batch2")
+    sa, sb, sc, out = ctx.shape(a), ctx.shape(b), ctx.shape(c), ctx.shape(node)
+    nd = len(out)
+    operands = [
+        Operand(ctx.layout(a), sa, {0: 0, 1: 1, 2: "K"}),
+        Operand(ctx.layout(b), sb, {0: 0, 1: "K", 2: 2}),
+        Operand(ctx.layout(c), sc, {d: nd - len(sc) + d for d in range(len(sc))}),
+    ]
+    if (k_axis := ctx.layout(a).axis_of(2)) is not None:
+        ctx.coupling.input_mask(node.name, 1, k_axis.dims, k_axis.ids)
+    return to_layout(nd, merge(ctx.coupling, node.name, operands, ["K"]), {d: d for d in range(nd)})
+
+
 @register(F.scaled_dot_product_attention)
 def _sdpa(ctx, node: fx.Node) -> Layout:
     q, k, v = node.args[:3]

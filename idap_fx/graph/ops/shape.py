@@ -105,18 +105,32 @@ def reshape_layout(
 def _reshape_spread(ctx, node: fx.Node, ax: Axis, hit: list, src: tuple[int, ...], dst: tuple[int, ...]):
     """A multi-dim axis whose dims lie in several index blocks, each block becoming one output dim (GQA's
     repeat_kv: (kv_heads, n_rep) -> kv_heads * n_rep beside head_dim). The free dim's block may merge
-    broadcast dims into it: its ids repeat, so removing a KV head removes every query head it serves.
-    None where a block splits into several dims or the other axes share the blocks."""
-    if ax.free is None or any(len([d for d in outs if dst[d] > 1]) != 1 for _, outs in hit):
+    broadcast or batch dims into it: its ids repeat, so removing a KV head removes every query head it
+    serves (Bloom's batch × heads). A block may also split into several dims if the ids vary along one
+    of them only (batch × heads back into batch, heads). None where they vary along more, or the other
+    axes share the blocks."""
+    if ax.free is None:
         return None
     lo, hi = min(hit[0][0]), max(hit[-1][0])
     olo, ohi = min(hit[0][1]), max(hit[-1][1])
     placed = ax.ids.reshape([src[d] if d in ax.dims else 1 for d in range(lo, hi + 1)])
     full = np.broadcast_to(placed, [src[d] for d in range(lo, hi + 1)])
     ids = np.ascontiguousarray(full).reshape([dst[d] for d in range(olo, ohi + 1)])
-    out_dims = [next(d for d in outs if dst[d] > 1) for _, outs in hit]
+
+    def varies(d: int) -> bool:
+        k = d - olo
+        return bool((ids != ids.take([0], axis=k)).any())
+
+    out_dims = []
+    for _, outs in hit:
+        moving = [d for d in outs if dst[d] > 1 and varies(d)]
+        if len(moving) > 1:
+            return None
+        out_dims.append(moving[0] if moving else next((d for d in outs if dst[d] > 1), None))
+    if None in out_dims:
+        return None
     ids = ids[tuple(slice(None) if d in out_dims else 0 for d in range(olo, ohi + 1))]
-    free = next(next(d for d in outs if dst[d] > 1) for ins, outs in hit if ax.free in ins)
+    free = next(d for (ins, _), d in zip(hit, out_dims, strict=True) if ax.free in ins)
     collapse(ctx.coupling, ids, [k for k, d in enumerate(out_dims) if d != free], node.name)
     return Axis(tuple(out_dims), ids, free)
 
