@@ -36,7 +36,7 @@ from idap_fx.capture.trace import trace
 from idap_fx.errors import BudgetError, IdapError
 from idap_fx.graph.analysis import analyze
 from idap_fx.method.allocate import OriginalWidths
-from idap_fx.method.compensation import compensate
+from idap_fx.method.compensation import compensate, resolve
 from idap_fx.rewrite.surgery import prune
 
 __all__ = ["CurvePoint", "Snapshot", "Snapshots", "measure_curve", "ship_fastest", "write_curve"]
@@ -98,7 +98,7 @@ class Snapshots:
     ) -> None:
         """Stage-1 hook: the plan, and every parameter recovery changed that replaying would not redo."""
         rec = self.ctx.recovery
-        mode = rec.compensation_mode if rec.compensation else None
+        mode = resolve(rec.compensation_mode, self.ctx.calibration) if rec.compensation else None
         refit = mode if mode in ("least_squares", "reconstruct") else None
         replayed = self._step(before, dg, plan, refit)
         plain = dict(replayed.named_parameters())

@@ -38,7 +38,7 @@ MIN_KEEP = 0.25
 ROUND_TO = 8
 """Default width alignment, shared by the API, the CLI and the demo: ONNX Runtime's convolutions run
 fastest on widths that are multiples of 8 (``bench/latency.py``)."""
-COMPENSATION = "reconstruct"
+COMPENSATION = "auto"
 """What ``compensation=True`` runs after every stage-1 step (``idap_fx.method.compensation``)."""
 
 
@@ -172,7 +172,7 @@ class Recovery(Options):
     """How a pruned model is repaired after each accepted change.
 
     ``compensation`` (stage 1 only; ``True`` = ``COMPENSATION``, or ``"mean"`` / ``"least_squares"`` /
-    ``"reconstruct"``, see ``idap_fx.method.compensation``) folds what the removed channels carried
+    ``"reconstruct"`` / ``"auto"``, see ``idap_fx.method.compensation``) folds what the removed channels carried
     into the next layers (``reconstruct`` then re-fits the layers after them); it runs first, then ``fine_tune(model, teacher)`` if given, else
     distillation on ``train_loader`` (``distill_steps`` batches; all of it when None).
     """

@@ -35,7 +35,7 @@ from idap_fx.method.allocate import (
 )
 from idap_fx.method.budget import deviation, reference_outputs
 from idap_fx.method.collective import global_slice, reducer
-from idap_fx.method.compensation import compensate
+from idap_fx.method.compensation import compensate, resolve
 from idap_fx.method.recovery import PROBE_STEPS, held_out_loss, recoverability
 from idap_fx.method.schedule import Schedule, get_schedule
 from idap_fx.method.scoring import Importance, Scores, ScoringContext, get_importance
@@ -189,8 +189,9 @@ class PruneChannels(IdapPass):
         notes = []
         with self.timed("recover"):
             if rec.compensation:
-                n = compensate(before, after, dg, plan, ctx.sites, rec.compensation_mode, ctx.batches)
-                notes.append(f"compensated {n} layers ({rec.compensation_mode})")
+                mode = resolve(rec.compensation_mode, ctx.batches)
+                n = compensate(before, after, dg, plan, ctx.sites, mode, ctx.batches)
+                notes.append(f"compensated {n} layers ({mode})")
             after, note = self.train_recovery(after, before, len(self.record.steps))
             notes += [note] if note else []
         return after, ", ".join(notes)

@@ -16,7 +16,9 @@ For every conv (groups = 1) or linear layer that loses input channels:
   model, in graph order, is re-fitted (ridge, weight and bias) so that from the inputs the pruned
   model now gives it, it reproduces the output the model had before the step on the rows it
   keeps. Each fit sees the layers before it already re-fitted, so errors do not pile up with
-  depth. One partial forward pass of both models over the calibration batches per layer.
+  depth. Both graphs are stepped node by node over all calibration batches at once (one forward each).
+* ``auto`` (the default): ``reconstruct`` with at least ``RECONSTRUCT_MIN_SAMPLES`` calibration samples,
+  ``least_squares`` with fewer (where the re-fit learns the few calibration images).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from idap_fx.errors import IdapError
@@ -33,19 +36,19 @@ from idap_fx.graph.dependency import DependencyGraph, Plan
 from idap_fx.method.channel_stats import Site, batch_args
 from idap_fx.method.collective import reducer
 
-MODES = ("mean", "least_squares", "reconstruct")
+MODES = ("mean", "least_squares", "reconstruct", "auto")
 _GRAM_BUDGET = 1 << 23  # float64 numbers of input moments held at once (64 MiB)
 RIDGE = 1e-2  # ridge, relative to the kept inputs' mean variance
-REFIT_RIDGES = (
-    1e-4,
-    1e-3,
-    1e-2,
-    1e-1,
-    1.0,
-)  # ``reconstruct``'s candidate strengths, relative to the mean XᵀX diagonal
-REFIT_MAX_INPUTS = (
-    2049  # wider layers (inputs × kernel + 1) keep their compensated weights: moments stay small
-)
+RECONSTRUCT_MIN_SAMPLES = 256
+"""``auto`` re-fits (``reconstruct``) from this many calibration samples on (all processes), else stops at
+``least_squares``: with fewer, the re-fit learns the calibration images (docs/architecture.md, "Compensation")."""
+REFIT_RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+"""``reconstruct``'s candidate ridge strengths, relative to the mean XᵀX diagonal."""
+REFIT_MAX_INPUTS = 2049
+"""Wider layers (inputs × kernel + 1) keep their compensated weights: the moments stay small."""
+REFIT_MEMORY = 256 << 20
+"""Bytes of activations ``reconstruct`` may hold for its batches at once (both models): above it, it goes
+on with fewer batches (two at least), then stops re-fitting (the rest stay compensated)."""
 
 
 @dataclass
@@ -97,6 +100,19 @@ def consumers(
     return found
 
 
+def resolve(mode: str, batches: Sequence[Any]) -> str:
+    """The mode that runs: ``auto`` is ``reconstruct`` with at least ``RECONSTRUCT_MIN_SAMPLES`` calibration
+    samples (the first dim of each batch's first tensor, summed over processes), else ``least_squares``."""
+    if mode != "auto":
+        return mode
+    local = 0
+    for batch in batches:
+        first = next((t for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor) and t.dim()), None)
+        local += 0 if first is None else int(first.shape[0])
+    (total,) = reducer().all_sum([local])
+    return "reconstruct" if total >= RECONSTRUCT_MIN_SAMPLES else "least_squares"
+
+
 def compensate(
     before: fx.GraphModule,
     after: fx.GraphModule,
@@ -106,10 +122,12 @@ def compensate(
     mode: str = "mean",
     batches: Sequence[Any] = (),
 ) -> int:
-    """Fold removed inputs into the consumers of ``after`` (``mode`` as above); return layers changed.
+    """Fold removed inputs into the consumers of ``after`` (``mode`` as above, ``auto`` via ``resolve``);
+    return layers changed.
 
-    ``least_squares`` reads ``batches`` (the calibration batches), ``mean`` the ``sites``.
+    ``least_squares`` / ``reconstruct`` read ``batches`` (the calibration batches), ``mean`` the ``sites``.
     """
+    mode = resolve(mode, batches)
     if mode in ("least_squares", "reconstruct"):
         if not batches:
             raise IdapError(f"{mode} compensation needs calibration batches")
@@ -248,28 +266,48 @@ class _Stepper:
         """``node``'s value on every batch."""
         return [run.env[node] for run in self.runs]
 
+    def held(self) -> int:
+        """Bytes of the activations held for all batches (the graph's own parameters not counted)."""
+        own = {id(t) for t in self.runs[0].module.parameters()} | {
+            id(t) for t in self.runs[0].module.buffers()
+        }
+        leaves = [v for run in self.runs for v in pytree.tree_leaves(list(run.env.values()))]
+        return sum(t.nbytes for t in leaves if isinstance(t, torch.Tensor) and id(t) not in own)
 
-def _features(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Rows = output positions, columns = what the layer multiplies (conv patches via ``unfold``), plus a 1."""
+    def drop_last(self) -> None:
+        """Go on with one batch less (the activations held for it are freed)."""
+        self.runs.pop()
+
+
+def _accumulate(
+    fold: list[torch.Tensor], mod: nn.Module, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor | None
+) -> None:
+    """Add one batch to ``fold`` = [XᵀX, XᵀY, ||Y||²]: X's rows are output positions, its columns what the
+    layer multiplies (conv patches via ``unfold``) and a 1; Y the layer's output on the kept rows. Products
+    in float32 per batch (no patch matrix is copied), sums in float64."""
     if isinstance(mod, nn.Linear):
-        flat = x.reshape(-1, x.shape[-1])
+        xs, ys = [x.reshape(-1, x.shape[-1]).T], [y.reshape(-1, y.shape[-1]).T]  # (inputs, positions)
     else:
-        flat = nn.functional.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)
-        flat = flat.transpose(1, 2).reshape(-1, flat.shape[1])
-    return torch.cat([flat, torch.ones(flat.shape[0], 1, dtype=flat.dtype)], 1).double()
-
-
-def _targets(mod: nn.Module, y: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    """The layer's output as (positions, channels), kept rows only."""
-    flat = (
-        y.reshape(-1, y.shape[-1]) if isinstance(mod, nn.Linear) else y.movedim(1, -1).reshape(-1, y.shape[1])
-    )
-    return (flat if rows is None else flat[:, rows]).double()
+        patches = nn.functional.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)
+        xs, ys = list(patches), list(y.flatten(2))  # per image: (inputs × kernel, positions)
+    gram, cross, energy = fold
+    d = gram.shape[0] - 1
+    for xi, yi in zip(xs, ys, strict=True):
+        xi, yi = xi.float(), (yi if rows is None else yi[rows]).float()
+        gram[:d, :d] += (xi @ xi.T).double()
+        total = xi.sum(1).double()
+        gram[:d, d] += total
+        gram[d, :d] += total
+        gram[d, d] += xi.shape[1]
+        cross[:d] += (xi @ yi.T).double()
+        cross[d] += yi.sum(1).double()
+        energy += (yi.double() ** 2).sum()
 
 
 def _refittable(after: fx.GraphModule) -> list[tuple[str, str]]:
     """(node name, module path) of the conv2d (groups = 1, numeric zero padding) / linear layers called once,
-    with a weight of their own."""
+    with a float32 / float64 weight of their own (a half-precision layer keeps its least-squares weights: a fit
+    rounded to float16 gains little and moves its outputs off ONNX Runtime's by more than rounding)."""
     calls: dict[str, list[str]] = {}
     for n in after.graph.nodes:
         if n.op == "call_module":
@@ -290,7 +328,8 @@ def _refittable(after: fx.GraphModule) -> list[tuple[str, str]]:
             and mod.padding_mode == "zeros"
             and not isinstance(mod.padding, str)
         )
-        if len(names) == 1 and (conv or isinstance(mod, nn.Linear)):
+        full = getattr(getattr(mod, "weight", None), "dtype", None) in (torch.float32, torch.float64)
+        if len(names) == 1 and (conv or isinstance(mod, nn.Linear)) and full:
             found.append((names[0], target))
     return found
 
@@ -347,6 +386,11 @@ def reconstruct(
         here, there = ahead.until(node), behind.until(node)
         if here is None or there is None or there.target != here.target:
             break  # the graphs no longer correspond: the layers left stay as compensated
+        while ahead.held() + behind.held() > REFIT_MEMORY and len(ahead.runs) > 2:
+            ahead.drop_last()
+            behind.drop_last()
+        if ahead.held() + behind.held() > REFIT_MEMORY:
+            break  # even two batches hold too much here: the layers left stay as compensated
         inputs = ahead.values(here.args[0])
         behind.step()
         targets = behind.values(there)
@@ -360,12 +404,7 @@ def reconstruct(
             for _ in range(2)
         ]
         for k, (x_in, y_out) in enumerate(zip(inputs, targets, strict=True)):
-            x = _features(mod, x_in)
-            y = _targets(mod, y_out, rows)
-            fold = folds[(first + k) % 2]
-            fold[0] += x.T @ x
-            fold[1] += x.T @ y
-            fold[2] += (y * y).sum()
+            _accumulate(folds[(first + k) % 2], mod, x_in.detach(), y_out.detach(), rows)
         reducer().all_sum_([t for f in folds for t in f])
         w0 = mod.weight.detach().reshape(out, -1).double()
         b0 = torch.zeros(out, dtype=w0.dtype) if mod.bias is None else mod.bias.detach().double()

@@ -175,3 +175,31 @@ def test_reconstruct_leaves_layers_the_data_cannot_improve() -> None:
     assert n == 1  # the least-squares consumer only
     for k, v in lsq.state_dict().items():
         torch.testing.assert_close(one.state_dict()[k], v)
+
+
+def test_reconstruct_holds_at_most_its_memory_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above ``REFIT_MEMORY`` it goes on with two batches, then stops: with no room at all the result is
+    least squares alone; with room for two batches it still re-fits."""
+    cal = _batches(8, 0)
+    _, lsq, _ = _deep("least_squares", cal, list(range(10)))
+    monkeypatch.setattr(compensation, "REFIT_MEMORY", 0)
+    _, capped, n = _deep("reconstruct", cal, list(range(10)))
+    assert n == 1
+    for k, v in lsq.state_dict().items():
+        torch.testing.assert_close(capped.state_dict()[k], v)
+    one_batch = 8 * 16 * 10 * 10 * 4  # the largest activation of one batch
+    monkeypatch.setattr(compensation, "REFIT_MEMORY", 2 * 3 * one_batch)
+    _, two, n = _deep("reconstruct", cal, list(range(10)))
+    assert n >= 2
+
+
+def test_auto_reconstructs_from_enough_calibration_samples() -> None:
+    """``auto`` (the default) re-fits with ``RECONSTRUCT_MIN_SAMPLES`` samples or more (counted over
+    processes), and stops at least squares below: the step notes name the mode that ran."""
+    few, many = _batches(2, 0), _batches(40, 0)  # 16 and 320 samples
+    assert compensation.resolve("auto", few) == "least_squares"
+    assert compensation.resolve("auto", many) == "reconstruct"
+    assert compensation.resolve("mean", many) == "mean"
+    torch.manual_seed(0)
+    res = idap_fx.optimize(_Deep().eval(), few[0], calibration=few, target_macs=0.6, budget=None, quiet=True)
+    assert "(least_squares)" in " ".join(s["note"] for s in res.report.steps)
