@@ -86,7 +86,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def render(saved: dict[str, Any], path: Path) -> None:
-    """Mean vs least squares (the default ridge) per cell, then each ridge over the cells all ridges ran."""
+    """Mean vs least squares (the default ridge) vs reconstruct per cell, then each ridge over the cells all
+    ridges ran."""
     rows = saved["rows"]
     cells = sorted(
         {(r["model"], r["seed"], r["target"]) for r in rows}, key=lambda c: (MODELS.index(c[0]), c[1], -c[2])
@@ -98,11 +99,13 @@ def render(saved: dict[str, Any], path: Path) -> None:
         return hits[-1] if hits else None
 
     lines = ["# One-shot quality by compensation mode (no training)", "", saved.get("source", ""), "",
-             f"| model | seed | MACs | mean | least squares (ridge {compensation.RIDGE:g}) |", "|---|---|---|---|---|"]  # fmt: skip
+             f"| model | seed | MACs | mean | least squares (ridge {compensation.RIDGE:g}) | reconstruct |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
     for cell in cells:
         m, ls = value(cell, "mean", None), value(cell, "least_squares", compensation.RIDGE)
+        rc = value(cell, "reconstruct", compensation.RIDGE)
         fmt = lambda v: "—" if v is None else f"{v:.1f}"  # noqa: E731
-        lines.append(f"| {cell[0]} | {cell[1]} | {cell[2]:.0%} | {fmt(m)} | {fmt(ls)} |")
+        lines.append(f"| {cell[0]} | {cell[1]} | {cell[2]:.0%} | {fmt(m)} | {fmt(ls)} | {fmt(rc)} |")
     ridges = sorted({r["ridge"] for r in rows if r["mode"] == "least_squares"})
     common = [c for c in cells if all(value(c, "least_squares", g) is not None for g in ridges)]
     if len(ridges) > 1 and common:
