@@ -235,6 +235,7 @@ class _Stepper:
     def __init__(self, gm: fx.GraphModule, batches: Sequence[Any]) -> None:
         self.nodes = list(gm.graph.nodes)
         self.pos = 0
+        self.own = {id(t) for t in gm.parameters()} | {id(t) for t in gm.buffers()}
         self.runs = []
         for batch in batches:
             run = fx.Interpreter(gm, garbage_collect_values=True)
@@ -268,11 +269,8 @@ class _Stepper:
 
     def held(self) -> int:
         """Bytes of the activations held for all batches (the graph's own parameters not counted)."""
-        own = {id(t) for t in self.runs[0].module.parameters()} | {
-            id(t) for t in self.runs[0].module.buffers()
-        }
         leaves = [v for run in self.runs for v in pytree.tree_leaves(list(run.env.values()))]
-        return sum(t.nbytes for t in leaves if isinstance(t, torch.Tensor) and id(t) not in own)
+        return sum(t.nbytes for t in leaves if isinstance(t, torch.Tensor) and id(t) not in self.own)
 
     def drop_last(self) -> None:
         """Go on with one batch less (the activations held for it are freed)."""
@@ -318,9 +316,8 @@ def _refittable(after: fx.GraphModule) -> list[tuple[str, str]]:
     found = []
     for target, names in calls.items():
         mod = after.get_submodule(target)
-        if (
-            uses.get(id(getattr(mod, "weight", None)), 0) > 1
-        ):  # tied (an LM head sharing the embedding): not this layer's alone
+        weight = getattr(mod, "weight", None)
+        if uses.get(id(weight), 0) > 1:  # tied (an LM head sharing the embedding): not this layer's alone
             continue
         conv = (
             isinstance(mod, nn.Conv2d)
@@ -328,7 +325,7 @@ def _refittable(after: fx.GraphModule) -> list[tuple[str, str]]:
             and mod.padding_mode == "zeros"
             and not isinstance(mod.padding, str)
         )
-        full = getattr(getattr(mod, "weight", None), "dtype", None) in (torch.float32, torch.float64)
+        full = getattr(weight, "dtype", None) in (torch.float32, torch.float64)
         if len(names) == 1 and (conv or isinstance(mod, nn.Linear)) and full:
             found.append((names[0], target))
     return found
@@ -386,10 +383,10 @@ def reconstruct(
         here, there = ahead.until(node), behind.until(node)
         if here is None or there is None or there.target != here.target:
             break  # the graphs no longer correspond: the layers left stay as compensated
-        while ahead.held() + behind.held() > REFIT_MEMORY and len(ahead.runs) > 2:
+        while (held := ahead.held() + behind.held()) > REFIT_MEMORY and len(ahead.runs) > 2:
             ahead.drop_last()
             behind.drop_last()
-        if ahead.held() + behind.held() > REFIT_MEMORY:
+        if held > REFIT_MEMORY:
             break  # even two batches hold too much here: the layers left stay as compensated
         inputs = ahead.values(here.args[0])
         behind.step()
