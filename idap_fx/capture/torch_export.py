@@ -17,6 +17,7 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
+from idap_fx.capture.constants import fold_constants
 from idap_fx.capture.shapes import record_shapes
 from idap_fx.errors import TraceError
 
@@ -67,6 +68,7 @@ def from_exported(program: Any, example_inputs: Any = None) -> fx.GraphModule:
         if not isinstance(x, torch.Tensor):
             raise TraceError(f"example input {i} is a {type(x).__name__}, not a tensor")
     _constants_as_buffers(gm)
+    fold_constants(gm)
     record_shapes(gm, inputs)
     for node in gm.graph.nodes:
         if (

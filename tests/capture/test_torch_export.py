@@ -142,3 +142,50 @@ def test_gpt2_exported_heads_and_mlp(transformers: ModuleType) -> None:
     dg = idap_fx.analyze(gm)
     assert sorted(g.size for g in dg.prunable) == [4, 4, 128, 128]
     _oracle(gm, dg, random_plan(dg, 0.5, seed=2), **inputs)
+
+
+class _SlopedHeads(nn.Module):
+    """A per-head bias computed from constants (ALiBi-style slopes), a random draw and a parameter."""
+
+    def __init__(self, heads: int = 4, dim: int = 8) -> None:
+        super().__init__()
+        self.heads, self.dim = heads, dim
+        self.q, self.k, self.v = (nn.Linear(16, heads * dim) for _ in range(3))
+        self.out = nn.Linear(heads * dim, 16)
+        self.scale = nn.Parameter(torch.ones(heads))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, self.heads, self.dim).transpose(1, 2) for p in (self.q, self.k, self.v))
+        slopes = torch.pow(torch.tensor(0.5), torch.arange(1, self.heads + 1, dtype=torch.float32))
+        bias = (slopes * self.scale)[:, None, None] * torch.ones(t, t)
+        noise = torch.rand(t, t) * 0  # random: must stay in the graph
+        att = (q @ k.transpose(-1, -2) + bias + noise).softmax(-1)
+        return self.out((att @ v).transpose(1, 2).reshape(b, t, -1))
+
+
+def test_constant_subgraphs_fold_into_buffers_that_the_heads_slice() -> None:
+    """Capture folds ``pow(0.5, arange(...))`` into a buffer (not the parameter, not ``rand``, not the uniform
+    ``ones``); the result computes the same values and its per-head bias is pruned with the heads."""
+    from idap_fx.capture.constants import fold_constants
+
+    x = torch.randn(2, 5, 16)
+    model = _SlopedHeads().eval()
+    gm = torch.export.export(model, (x,), strict=False).run_decompositions({}).module()
+    assert fold_constants(gm)
+    names = [
+        n.target.__name__ for n in gm.graph.nodes if n.op == "call_function" and hasattr(n.target, "__name__")
+    ]
+    assert not any(n.startswith("arange") for n in names), names
+    assert any(n.startswith("rand") for n in names) and any(n.startswith("ones") for n in names), names
+    assert dict(gm.named_parameters()).keys() == dict(model.named_parameters()).keys()
+    with torch.no_grad():
+        assert rel_err(gm(x), model(x)) <= 1e-6
+    exported = from_exported(torch.export.export(model, (x,), strict=False))
+    dg = idap_fx.analyze(exported)
+    heads = [g for g in dg.prunable if g.exact and g.size == 4]
+    assert len(heads) == 1, [(g.id, g.size, g.frozen_reason) for g in dg.groups]
+    plan = {heads[0].id: [0, 2]}
+    pruned, masked = idap_fx.prune(exported, plan, dg), idap_fx.mask(exported, plan, dg)
+    with torch.no_grad():
+        assert rel_err(pruned(x), masked(x)) <= 1e-5 and rel_err(pruned(x), model(x)) > 1e-3

@@ -403,3 +403,41 @@ def test_whisper_encoder_heads_and_mlp_widths_through_torch_export(hf: ModuleTyp
     pruned, masked = idap_fx.prune(gm, plan, dg), idap_fx.mask(gm, plan, dg)
     with torch.no_grad():
         assert rel_err(pruned(x), masked(x)) <= 1e-4 and rel_err(pruned(x), gm(x)) > 1e-3
+
+
+def test_exported_bloom_heads_prune_through_the_alibi_bias(hf: ModuleType) -> None:
+    """Bloom on a ``torch.export`` program: the ALiBi slopes are computed from constants
+    (``pow(base, arange(1, heads + 1))``); capture folds them into a buffer, which the heads then slice.
+    The bias is one tensor shared by every layer, so one head group spans all layers; MLP widths per layer."""
+    from idap_fx.capture.torch_export import from_exported
+
+    class Hidden(torch.nn.Module):
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    torch.manual_seed(0)
+    config = hf.BloomConfig(vocab_size=64, hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS)
+    ids, mask = _inputs(2, 7)
+    gm = from_exported(torch.export.export(Hidden(hf.BloomModel(config).eval()), (ids, mask), strict=False))
+    assert any(name.startswith("_folded_") for name, _ in gm.named_buffers())
+    dg = idap_fx.analyze(gm)
+    exact = [g for g in dg.prunable if g.exact]
+    assert sorted(g.size for g in exact) == [HEADS] + [4 * HIDDEN] * LAYERS, [(g.id, g.size) for g in exact]
+    heads = next(g for g in exact if g.size == HEADS)
+    assert {m.node for m in heads.members if "query_key_value" in m.node} >= {
+        f"model_h_{i}_self_attention_query_key_value_weight" for i in range(LAYERS)
+    }, heads.members
+    plan = {g.id: [1, 3] for g in exact}
+    pruned, masked = idap_fx.prune(gm, plan, dg), idap_fx.mask(gm, plan, dg)
+    with torch.no_grad():
+        assert (
+            rel_err(pruned(ids, mask), masked(ids, mask)) <= 1e-4
+            and rel_err(pruned(ids, mask), gm(ids, mask)) > 1e-3
+        )
+        with tempfile.TemporaryDirectory() as d:
+            report = idap_fx.export_onnx(pruned, (ids, mask), f"{d}/bloom.onnx", dynamic_batch=False)
+            assert report.max_rel_error <= 1e-4

@@ -90,6 +90,14 @@ def reshape_layout(
             ctx.coupling.freeze(ax.ids, f"{node.name}: channels squeezed to a size-1 dim")
             continue
         ids = np.ascontiguousarray(full).reshape([dst[d] for d in out_dims])
+        varying = [k for k in range(ids.ndim) if (ids != ids.take([0], axis=k)).any()]
+        if len(out_dims) > 1 and len(varying) == 1:
+            # a merged batch x heads dim split back: the ids repeat along batch, so the axis is heads alone
+            k = varying[0]
+            axes.append(
+                Axis((out_dims[k],), ids[tuple(slice(None) if j == k else 0 for j in range(ids.ndim))])
+            )
+            continue
         if len(out_dims) > 1:
             if repeats:
                 ctx.coupling.freeze(ax.ids, f"{node.name}: reshape splits a repeated channel dim")

@@ -1,0 +1,124 @@
+"""Fold the tensors a graph computes from constants alone into buffers.
+
+A captured graph often builds tensors that do not depend on its inputs: Bloom's
+ALiBi slopes (``pow(base, arange(1, heads + 1))``), a default all-ones attention
+mask, a causal mask from ``full`` and ``triu``. To the analyzer such a computed
+tensor has a fixed extent (``arange`` cannot be sliced), so a per-head bias made
+from it freezes every head it meets. Evaluated once and stored as a buffer, the same
+tensor is data like any other buffer: a rule couples its dims and surgery slices it.
+
+Only values derived from buffers, lifted constants and literals are folded;
+parameters stay where they are (they train, and a layer is recognised by reading
+one), as do random and side-effecting ops. Folding is exact: the graph computes
+the same values, one evaluation earlier.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx
+
+
+def _is_random(node: fx.Node) -> bool:
+    """Whether the op draws random numbers (``rand*``, ``dropout``, ``bernoulli``, ...): never folded."""
+    tags = getattr(node.target, "tags", ())
+    if torch.Tag.nondeterministic_seeded in tags:
+        return True
+    name = getattr(node.target, "__name__", str(node.target))
+    return any(word in name for word in ("rand", "dropout", "bernoulli", "multinomial", "normal"))
+
+
+# Factories whose values are the same at every position: nothing to slice per channel, so they
+# stay in the graph as fixed-extent tensors (a default all-ones mask keeps its batch dim fixed).
+_UNIFORM = ("ones", "zeros", "full", "empty")
+
+
+def _is_uniform(node: fx.Node) -> bool:
+    name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+    return name.removeprefix("new_").removesuffix("_like") in _UNIFORM
+
+
+def _constant_nodes(gm: fx.GraphModule) -> dict[fx.Node, bool]:
+    """Node → whether it is folded: a buffer, or a pure op (not a uniform fill) on at most one folded node.
+
+    Ops that combine several tensors stay in the graph even when all their inputs are
+    constant: a per-head slope times a per-position distance is a coupling the rules
+    must see, and folding the product would hide which dim carries the heads.
+    """
+    parameters = {name for name, _ in gm.named_parameters()}
+    constant: dict[fx.Node, bool] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            constant[node] = node.target not in parameters
+        elif node.op == "call_function":
+            inputs = node.all_input_nodes
+            constant[node] = (
+                len(inputs) <= 1
+                and all(constant.get(a, False) for a in inputs)
+                and not node.is_impure()
+                and not _is_random(node)
+                and not _is_uniform(node)
+            )
+        else:
+            constant[node] = False
+    return constant
+
+
+def _fetch(gm: fx.GraphModule, target: str) -> Any:
+    owner_name, _, attr = target.rpartition(".")
+    return getattr(gm.get_submodule(owner_name), attr)
+
+
+def _evaluate(gm: fx.GraphModule, constant: dict[fx.Node, bool]) -> dict[fx.Node, Any]:
+    """The values of the constant nodes, computed in graph order."""
+    env: dict[fx.Node, Any] = {}
+    with torch.no_grad():
+        for node, is_constant in constant.items():
+            if not is_constant:
+                continue
+            if node.op == "get_attr":
+                env[node] = _fetch(gm, node.target)
+                continue
+            args = fx.node.map_arg(node.args, env.__getitem__)
+            kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+            env[node] = node.target(*args, **kwargs)
+    return env
+
+
+def fold_constants(gm: fx.GraphModule) -> list[str]:
+    """Replace every computed constant tensor that feeds the rest of the graph by a buffer, in place.
+
+    Returns the names of the folded nodes. A chain of one-input ops from a creation op
+    (``arange``, ``ones``, ``full``) or a buffer becomes one buffer.
+    """
+    constant = _constant_nodes(gm)
+    frontier = [
+        node
+        for node, is_constant in constant.items()
+        if is_constant and node.op == "call_function" and any(not constant[u] for u in node.users)
+    ]
+    if not frontier:
+        return []
+    values = _evaluate(gm, constant)
+    folded = []
+    for node in frontier:
+        value = values[node]
+        if not isinstance(value, torch.Tensor):
+            continue
+        name = f"_folded_{node.name}"
+        while hasattr(gm, name):
+            name += "_"
+        gm.register_buffer(name, value.detach().clone())
+        with gm.graph.inserting_before(node):
+            attr = gm.graph.get_attr(name)
+        attr.meta.update(node.meta)
+        node.replace_all_uses_with(attr)
+        folded.append(node.name)
+    for node in reversed(list(constant)):
+        if constant[node] and not node.users:
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return folded
