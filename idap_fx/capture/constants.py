@@ -33,6 +33,8 @@ def _is_random(node: fx.Node) -> bool:
 # Factories whose values are the same at every position: nothing to slice per channel, so they
 # stay in the graph as fixed-extent tensors (a default all-ones mask keeps its batch dim fixed).
 _UNIFORM = ("ones", "zeros", "full", "empty")
+UNTIE_BYTES = 1 << 20
+"""Largest chain of folded values copied per consumer (``_untie``): 1 MiB."""
 
 
 def _is_uniform(node: fx.Node) -> bool:
@@ -90,8 +92,9 @@ def _evaluate(gm: fx.GraphModule, constant: dict[fx.Node, bool]) -> dict[fx.Node
 def fold_constants(gm: fx.GraphModule) -> list[str]:
     """Replace every computed constant tensor that feeds the rest of the graph by a buffer, in place.
 
-    Returns the names of the folded nodes. A chain of one-input ops from a creation op
-    (``arange``, ``ones``, ``full``) or a buffer becomes one buffer.
+    Returns the new buffers' names. A chain of one-input ops from a creation op
+    (``arange``, ``torch.tensor``) or a buffer becomes one buffer; small chains read by
+    several consumers are then copied per consumer (``_untie``).
     """
     constant = _constant_nodes(gm)
     frontier = [
@@ -115,10 +118,77 @@ def fold_constants(gm: fx.GraphModule) -> list[str]:
             attr = gm.graph.get_attr(name)
         attr.meta.update(node.meta)
         node.replace_all_uses_with(attr)
-        folded.append(node.name)
+        folded.append(attr)
     for node in reversed(list(constant)):
         if constant[node] and not node.users:
             gm.graph.erase_node(node)
+    parameters = {name for name, _ in gm.named_parameters()}
+    pending = list(folded)
+    while pending:  # a copied chain may fan out again further on (a bias masked, then read by every layer)
+        pending.extend(_untie(gm, pending.pop(), parameters))
     gm.graph.lint()
     gm.recompile()
-    return folded
+    return [attr.target for attr in folded]
+
+
+def _data_users(node: fx.Node) -> list[fx.Node]:
+    """Users that consume the value (not an ``_assert_tensor_metadata``-style check with no result)."""
+    return [u for u in node.users if u.users or not (u.op == "call_function" and u.is_impure())]
+
+
+# ATen ops that copy or convert without being tagged pointwise or views
+_GLUE = ("_unsafe_view", "_to_copy", "copy", "clone")
+
+
+def _is_glue(node: fx.Node, parameters: set[str]) -> bool:
+    """A pure view or element-wise op reading no parameter: cheap to copy, and copying it ties nothing."""
+    target = node.target
+    if node.op != "call_function" or node.is_impure() or not isinstance(target, torch._ops.OpOverload):
+        return False
+    if any(a.op == "get_attr" and a.target in parameters for a in node.all_input_nodes):
+        return False
+    return target.is_view or torch.Tag.pointwise in target.tags or target.__name__.split(".")[0] in _GLUE
+
+
+def _nbytes(node: fx.Node) -> int | None:
+    val = node.meta.get("val")
+    return val.numel() * val.element_size() if isinstance(val, torch.Tensor) else None
+
+
+def _untie(gm: fx.GraphModule, attr: fx.Node, parameters: set[str], longest: int = 16) -> list[fx.Node]:
+    """Give each consumer of a folded buffer its own copy of the ops between them.
+
+    Bloom's ALiBi bias is computed once and read by every layer: shared, it would make
+    one head group of all layers (dropping a head everywhere at once). The chain from
+    the buffer to where it fans out (views and element-wise ops only) is copied per
+    consumer, buffer included, when its values take at most ``UNTIE_BYTES`` (sizes recorded by ``torch.export``): a bias of
+    heads x positions is copied, a causal mask of positions² at long lengths is not.
+    Returns the new buffers' nodes, and ``attr`` again when it was split (its chain may
+    fan out again further on).
+    """
+    path, node = [attr], attr
+    while len(_data_users(node)) == 1 and len(path) < longest:
+        (node,) = _data_users(node)
+        if not _is_glue(node, parameters):
+            return []
+        path.append(node)
+    users = _data_users(node)
+    sizes = [_nbytes(n) for n in path]
+    if len(users) < 2 or None in sizes or sum(sizes) > UNTIE_BYTES:
+        return []
+    value = getattr(gm, attr.target)
+    split = [attr]
+    for user in users[1:]:
+        name = f"{attr.target}_{user.name}"
+        while hasattr(gm, name):
+            name += "_"
+        gm.register_buffer(name, value.clone())
+        copies: dict[fx.Node, fx.Node] = {}
+        with gm.graph.inserting_before(user):
+            copies[attr] = gm.graph.get_attr(name)
+            copies[attr].meta.update(attr.meta)
+            for n in path[1:]:
+                copies[n] = gm.graph.node_copy(n, lambda a, c=copies: c.get(a, a))
+        user.replace_input_with(node, copies[node])
+        split.append(copies[attr])
+    return split

@@ -189,3 +189,42 @@ def test_constant_subgraphs_fold_into_buffers_that_the_heads_slice() -> None:
     pruned, masked = idap_fx.prune(exported, plan, dg), idap_fx.mask(exported, plan, dg)
     with torch.no_grad():
         assert rel_err(pruned(x), masked(x)) <= 1e-5 and rel_err(pruned(x), model(x)) > 1e-3
+
+
+class _TwoLayersOneBias(nn.Module):
+    """Two attention layers reading one computed per-head bias (as Bloom's ALiBi)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(_SlopedHeads() for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        slopes = torch.pow(torch.tensor(0.5), torch.arange(1, 5, dtype=torch.float32))[:, None, None]
+        for layer in self.layers:
+            b, t, _ = x.shape
+            q, k, v = (p(x).view(b, t, 4, 8).transpose(1, 2) for p in (layer.q, layer.k, layer.v))
+            att = (q @ k.transpose(-1, -2) + slopes).softmax(-1)
+            x = x + layer.out((att @ v).transpose(1, 2).reshape(b, t, -1))
+        return x
+
+
+@pytest.mark.parametrize("untie_bytes", [0, None])
+def test_a_small_shared_bias_is_copied_per_layer(
+    monkeypatch: pytest.MonkeyPatch, untie_bytes: int | None
+) -> None:
+    """Copied per consumer (within ``UNTIE_BYTES``) each layer prunes its own heads; kept shared, one head
+    group spans both layers. Either way prune == mask."""
+    from idap_fx.capture import constants
+
+    if untie_bytes is not None:
+        monkeypatch.setattr(constants, "UNTIE_BYTES", untie_bytes)
+    x = torch.randn(2, 5, 16)
+    model = _TwoLayersOneBias().eval()
+    gm = from_exported(torch.export.export(model, (x,), strict=False))
+    dg = idap_fx.analyze(gm)
+    heads = [g for g in dg.prunable if g.exact and g.size == 4]
+    assert len(heads) == (1 if untie_bytes == 0 else 2), [(g.id, g.size) for g in dg.groups]
+    plan = {heads[0].id: [1, 2]}
+    pruned, masked = idap_fx.prune(gm, plan, dg), idap_fx.mask(gm, plan, dg)
+    with torch.no_grad():
+        assert rel_err(pruned(x), masked(x)) <= 1e-5 and rel_err(pruned(x), model(x)) > 1e-3
