@@ -7,14 +7,15 @@ tensor has a fixed extent (``arange`` cannot be sliced), so a per-head bias made
 from it freezes every head it meets. Evaluated once and stored as a buffer, the same
 tensor is data like any other buffer: a rule couples its dims and surgery slices it.
 
-Only values derived from buffers, lifted constants and literals are folded;
-parameters stay where they are (they train, and a layer is recognised by reading
-one), as do random and side-effecting ops. Folding is exact: the graph computes
+Only chains that start at a creation op are folded (a buffer or parameter is
+already data a rule can slice); random and side-effecting ops stay. Folding is exact: the graph computes
 the same values, one evaluation earlier.
 """
 
 from __future__ import annotations
 
+import math
+import operator
 from typing import Any
 
 import torch
@@ -42,20 +43,25 @@ def _is_uniform(node: fx.Node) -> bool:
     return name.removeprefix("new_").removesuffix("_like") in _UNIFORM
 
 
-def _constant_nodes(gm: fx.GraphModule) -> dict[fx.Node, bool]:
-    """Node → whether it is folded: a buffer, or a pure op (not a uniform fill) on at most one folded node.
+def _is_meta(node: fx.Node) -> bool:
+    """``x.device`` / ``x.dtype`` on an fx graph: the same for every input the model can run on."""
+    return node.op == "call_function" and node.target is getattr and node.args[1] in ("device", "dtype")
 
-    Ops that combine several tensors stay in the graph even when all their inputs are
+
+def _constant_nodes(gm: fx.GraphModule) -> dict[fx.Node, bool]:
+    """Node → whether it is folded: a creation op (not a uniform fill, not random) or a pure op on one folded node.
+
+    Chains start at creation ops only: a buffer is already data a rule can slice. Ops
+    that combine several tensors stay in the graph even when all their inputs are
     constant: a per-head slope times a per-position distance is a coupling the rules
     must see, and folding the product would hide which dim carries the heads.
     """
-    parameters = {name for name, _ in gm.named_parameters()}
     constant: dict[fx.Node, bool] = {}
     for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            constant[node] = node.target not in parameters
+        if _is_meta(node):
+            constant[node] = True
         elif node.op == "call_function":
-            inputs = node.all_input_nodes
+            inputs = [a for a in node.all_input_nodes if not _is_meta(a)]
             constant[node] = (
                 len(inputs) <= 1
                 and all(constant.get(a, False) for a in inputs)
@@ -68,9 +74,11 @@ def _constant_nodes(gm: fx.GraphModule) -> dict[fx.Node, bool]:
     return constant
 
 
-def _fetch(gm: fx.GraphModule, target: str) -> Any:
-    owner_name, _, attr = target.rpartition(".")
-    return getattr(gm.get_submodule(owner_name), attr)
+def _meta_value(gm: fx.GraphModule, node: fx.Node) -> Any:
+    """The device (the model's: inputs must be on it) or the recorded dtype of ``node``'s tensor."""
+    if node.args[1] == "dtype":
+        return node.args[0].meta["tensor_meta"].dtype
+    return next(iter(gm.parameters()), next(iter(gm.buffers()), torch.empty(0))).device
 
 
 def _evaluate(gm: fx.GraphModule, constant: dict[fx.Node, bool]) -> dict[fx.Node, Any]:
@@ -80,8 +88,8 @@ def _evaluate(gm: fx.GraphModule, constant: dict[fx.Node, bool]) -> dict[fx.Node
         for node, is_constant in constant.items():
             if not is_constant:
                 continue
-            if node.op == "get_attr":
-                env[node] = _fetch(gm, node.target)
+            if _is_meta(node):
+                env[node] = _meta_value(gm, node)
                 continue
             args = fx.node.map_arg(node.args, env.__getitem__)
             kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
@@ -132,27 +140,47 @@ def fold_constants(gm: fx.GraphModule) -> list[str]:
 
 
 def _data_users(node: fx.Node) -> list[fx.Node]:
-    """Users that consume the value (not an ``_assert_tensor_metadata``-style check with no result)."""
-    return [u for u in node.users if u.users or not (u.op == "call_function" and u.is_impure())]
+    """Users that consume the value: not a check with no result (``_assert_tensor_metadata``), not ``x.size()``."""
+    return [
+        u
+        for u in node.users
+        if (u.users or not (u.op == "call_function" and u.is_impure()))
+        and not (u.op == "call_method" and u.target in ("size", "dim"))
+    ]
 
 
 # ATen ops that copy or convert without being tagged pointwise or views
 _GLUE = ("_unsafe_view", "_to_copy", "copy", "clone")
+# the same on fx graphs: methods and functions that view, convert or combine element by element
+_FX_GLUE_METHODS = {"view", "reshape", "unsqueeze", "squeeze", "expand", "to", "transpose", "permute", "contiguous",
+                    "clone", "float", "half", "bfloat16", "type_as", "flatten", "mul", "add", "sub", "div", "neg",
+                    "masked_fill"}  # fmt: skip
+_FX_GLUE_FUNCTIONS = {operator.mul, operator.add, operator.sub, operator.truediv, operator.neg, operator.getitem,
+                      torch.mul, torch.add, torch.sub, torch.div, torch.pow, torch.unsqueeze, torch.reshape,
+                      torch.masked_fill, torch.where}  # fmt: skip
 
 
 def _is_glue(node: fx.Node, parameters: set[str]) -> bool:
     """A pure view or element-wise op reading no parameter: cheap to copy, and copying it ties nothing."""
-    target = node.target
-    if node.op != "call_function" or node.is_impure() or not isinstance(target, torch._ops.OpOverload):
-        return False
     if any(a.op == "get_attr" and a.target in parameters for a in node.all_input_nodes):
         return False
+    target = node.target
+    if node.op == "call_method":  # fx spelling
+        return target in _FX_GLUE_METHODS
+    if node.op != "call_function" or node.is_impure():
+        return False
+    if not isinstance(target, torch._ops.OpOverload):
+        return target in _FX_GLUE_FUNCTIONS
     return target.is_view or torch.Tag.pointwise in target.tags or target.__name__.split(".")[0] in _GLUE
 
 
 def _nbytes(node: fx.Node) -> int | None:
-    val = node.meta.get("val")
-    return val.numel() * val.element_size() if isinstance(val, torch.Tensor) else None
+    val = node.meta.get("val", node.meta.get("tensor_meta"))
+    if isinstance(val, torch.Tensor):
+        return val.numel() * val.element_size()
+    if hasattr(val, "shape") and hasattr(val, "dtype"):  # fx's TensorMetadata
+        return math.prod(val.shape) * torch.empty(0, dtype=val.dtype).element_size()
+    return None
 
 
 def _untie(gm: fx.GraphModule, attr: fx.Node, parameters: set[str], longest: int = 16) -> list[fx.Node]:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from idap_fx.capture.constants import fold_constants
 from idap_fx.capture.trace import record_shapes
 from idap_fx.errors import TraceError
 
@@ -170,6 +171,7 @@ def trace_hf(
         ) from exc
     gm = fx.GraphModule(copied, graph, class_name=type(model).__name__)
     record_shapes(gm, inputs)
+    fold_constants(gm)
     normalize_sizes(gm)
     return gm
 

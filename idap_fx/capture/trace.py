@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from idap_fx.capture.constants import fold_constants
 from idap_fx.capture.shapes import as_tuple, record_shapes
 from idap_fx.errors import TraceError
 
@@ -200,4 +201,5 @@ def trace(
         gm = fx.GraphModule(copied, graph, class_name=type(model).__name__)
     # clones: an in-place op on an input is refused after it ran, the caller's tensors stay intact
     record_shapes(gm, tuple(x.clone() for x in inputs), watch=True)
+    fold_constants(gm)
     return gm

@@ -19,7 +19,7 @@ from idap_fx.graph import ops  # noqa: F401  (fills the registry)
 from idap_fx.graph.dependency import Coupling, DependencyGraph
 from idap_fx.graph.layout import Axis, Dynamic, Layout, all_ids, dim_ids, layouts_in
 from idap_fx.graph.ops.registry import is_tensor_meta, lookup, meta_shape
-from idap_fx.graph.ops.shape import fix_broadcast_to, fix_reshape_args, fix_shape_args
+from idap_fx.graph.ops.sizes import fix_broadcast_to, fix_reshape_args, fix_shape_args
 
 
 class RuleContext:

@@ -52,10 +52,10 @@ class Member:
 
 @dataclass(frozen=True)
 class InputMask:
-    """A non-parametric consumer: input ``arg`` of ``node`` reduces over these channels."""
+    """A non-parametric consumer: input ``arg`` (a position, or a keyword) of ``node`` reduces over these channels."""
 
     node: str
-    arg: int
+    arg: int | str
     dims: tuple[int, ...]
     ids: np.ndarray
 
@@ -145,7 +145,7 @@ class Coupling:
         self._param_identity[param] = identity
         self.members.append(Member(node, param, dim, role, np.asarray(ids, dtype=np.int64)))
 
-    def input_mask(self, node: str, arg: int, dims: tuple[int, ...], ids: np.ndarray) -> None:
+    def input_mask(self, node: str, arg: int | str, dims: tuple[int, ...], ids: np.ndarray) -> None:
         """Record a non-parametric consumer of channels (masked by multiplying its input)."""
         self.input_masks.append(InputMask(node, arg, dims, np.asarray(ids, dtype=np.int64)))
 

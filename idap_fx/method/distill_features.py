@@ -43,13 +43,14 @@ def _adaptable(s: tuple[int, ...] | None, t: tuple[int, ...] | None) -> bool:
 
 def feature_nodes(student: fx.GraphModule, teacher: fx.GraphModule, count: int = 3) -> list[str]:
     """Up to ``count`` intermediate nodes (at 1/4, 1/2, 3/4 depth) present in both graphs whose 3-D/4-D
-    outputs differ at most in their channel dim (``_adaptable``)."""
+    floating-point outputs differ at most in their channel dim (``_adaptable``)."""
     teacher_nodes = {n.name: n for n in teacher.graph.nodes}
     shared = [
         n.name
         for n in student.graph.nodes
         if n.op in ("call_module", "call_function", "call_method")
         and n.name in teacher_nodes
+        and getattr(n.meta.get("tensor_meta"), "dtype", torch.bool).is_floating_point  # a mask is no feature
         and _adaptable(node_shape(n), node_shape(teacher_nodes[n.name]))
     ]
     if not shared:

@@ -243,7 +243,7 @@ def mask(gm: fx.GraphModule, plan: Plan, dg: DependencyGraph | None = None) -> f
         if keep.all():
             continue
         node = nodes[im.node]
-        src = node.args[im.arg]
+        src = node.kwargs[im.arg] if isinstance(im.arg, str) else node.args[im.arg]
         nd = len(src.meta["tensor_meta"].shape)
         shape = [1] * nd
         for d, size in zip(im.dims, keep.shape, strict=True):
@@ -253,9 +253,10 @@ def mask(gm: fx.GraphModule, plan: Plan, dg: DependencyGraph | None = None) -> f
         with new.graph.inserting_before(node):
             factor = new.graph.get_attr(name)
             scaled = new.graph.call_function(torch.mul, (src, factor))
-        args = list(node.args)
-        args[im.arg] = scaled
-        node.args = tuple(args)
+        if isinstance(im.arg, str):
+            node.kwargs = {**node.kwargs, im.arg: scaled}
+        else:
+            node.args = tuple(scaled if i == im.arg else a for i, a in enumerate(node.args))
     new.graph.lint()
     new.recompile()
     return new

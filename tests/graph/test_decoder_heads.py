@@ -304,6 +304,11 @@ FALCON = {  # variant -> (config, attention implementation, exact group sizes pe
     "new-sdpa": ({"new_decoder_architecture": True, "num_kv_heads": HEADS}, "sdpa", [HEADS, FFN]),
     "classic": ({"multi_query": False, "bias": True}, "eager", [HEADS, FFN]),
     "multi-query": ({"multi_query": True}, "eager", [FFN]),  # one key/value head for all: query heads freeze
+    "alibi": (
+        {"multi_query": False, "alibi": True},
+        "eager",
+        [HEADS, FFN],
+    ),  # folded slopes, copied per layer
 }
 
 
@@ -339,6 +344,38 @@ def test_falcon_heads_and_mlp_widths_prune_exactly(hf: ModuleType, variant: str)
         )  # one KV head left, with its two query heads
         with tempfile.TemporaryDirectory() as d:
             assert idap_fx.export_onnx(pruned, x, f"{d}/falcon.onnx").max_rel_error <= 1e-4
+
+
+def test_bloom_heads_prune_through_trace_hf(hf: ModuleType) -> None:
+    """Bloom through Hugging Face's fx tracer: sizes computed as ``batch * 4`` and ``x.size(0) // 4`` with the
+    head count a literal (rewritten to the kept count), ALiBi slopes from ``arange`` on the input's device
+    (folded into a buffer, copied per layer). One head group per layer; prune == mask at another length, and
+    at another batch the pruned model gives each row what it gives that row alone (the rewritten arithmetic
+    still reads the batch); ONNX parity."""
+    from idap_fx.capture.hf import trace_hf
+
+    torch.manual_seed(0)
+    model = hf.BloomForCausalLM(
+        hf.BloomConfig(vocab_size=64, hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS)
+    )
+    x = _inputs(2, 7)
+    gm = trace_hf(model.eval(), ["input_ids", "attention_mask"], x)
+    dg = idap_fx.analyze(gm)
+    exact = [g for g in dg.prunable if g.exact]
+    assert sorted(g.size for g in exact) == [HEADS] * LAYERS + [4 * HIDDEN] * LAYERS, [
+        (g.id, g.size) for g in exact
+    ]
+    plan = {g.id: [0, 2] for g in exact}
+    pruned, masked = idap_fx.prune(gm, plan, dg), idap_fx.mask(gm, plan, dg)
+    with torch.no_grad():
+        for inputs in (x, _inputs(2, 5)):
+            assert rel_err(pruned(*inputs), masked(*inputs)) <= 1e-4
+        assert rel_err(pruned(*x), gm(*x)) > 1e-3
+        ids, mask = _inputs(3, 5)
+        rows = torch.cat([pruned(ids[i : i + 1], mask[i : i + 1])["logits"] for i in range(3)])
+        assert rel_err(pruned(ids, mask)["logits"], rows) <= 1e-4
+    with tempfile.TemporaryDirectory() as d:
+        assert idap_fx.export_onnx(pruned, x, f"{d}/bloom.onnx").max_rel_error <= 1e-4
 
 
 def test_exported_falcon_keeps_kv_heads(hf: ModuleType) -> None:

@@ -313,18 +313,39 @@ class MergedBatchHeads(nn.Module):
         return self.out(att)
 
 
-def test_exported_select_of_a_fused_view_and_baddbmm_keep_heads() -> None:
+class FloorDivHeads(MergedBatchHeads):
+    """Heads merged into the batch as ``b * 4`` and split back with ``o.size(0) // 4`` (older research code)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        fused = self.qkv(x).view(b, t, 4, 3, 2)
+        q, k, v = (fused[..., i, :].transpose(1, 2).reshape(b * 4, t, 2) for i in range(3))
+        o = torch.bmm(torch.bmm(q, k.transpose(1, 2)).softmax(-1), v)
+        return self.out(o.view(o.size(0) // 4, 4, t, 2).transpose(1, 2).reshape(b, t, 8))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("module", [MergedBatchHeads, FloorDivHeads])
+def test_heads_merged_into_the_batch_stay_exact(capture: str, module: type[nn.Module]) -> None:
     """``aten.select`` on a fixed sub-dim keeps the heads (it froze them: "selects one channel"), and
-    ``baddbmm`` (no rule) couples its bias with the product's heads."""
+    ``baddbmm`` couples its bias with the product's heads. On fx the merged size is computed as ``b * 4``
+    and split back with ``size(0) // 4``: pruning rewrites the literal head count (it froze the heads, and
+    ``// 4`` went stale: "shape '[1, 2, 5, 2]' is invalid"); the pruned model then runs at any batch."""
     torch.manual_seed(0)
     x = torch.randn(2, 5, 8)
-    gm = _capture(MergedBatchHeads().eval(), x, "export")
+    gm = _capture(module().eval(), x, capture)
     dg = idap_fx.analyze(gm)
     assert not dg.boundaries
     heads = _group(dg, "qkv.weight", 0)
     assert heads.prunable and heads.exact and heads.size == 4, heads.frozen_reason
-    assert _group(dg, "bias", 0) is heads
+    if module is MergedBatchHeads:
+        assert _group(dg, "bias", 0) is heads
     _exact_oracle(gm, dg, x)
+    if capture == "fx":
+        pruned = idap_fx.prune(gm, {heads.id: [1, 2]}, dg)
+        wide = torch.randn(3, 5, 8)
+        with torch.no_grad():
+            assert rel_err(pruned(wide), torch.cat([pruned(row[None]) for row in wide])) <= 1e-5
 
 
 def test_literal_list_index_on_a_channel_dim_freezes_it() -> None:

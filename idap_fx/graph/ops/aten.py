@@ -18,7 +18,7 @@ import torch
 from torch import fx
 
 from idap_fx.graph.layout import Axis, Layout
-from idap_fx.graph.ops import creation, elementwise, indexing, joins, layers, linalg, mixing, shape
+from idap_fx.graph.ops import creation, elementwise, indexing, joins, layers, linalg, mixing, shape, sizes
 from idap_fx.graph.ops.registry import Rewrite, register
 
 aten = torch.ops.aten
@@ -46,10 +46,10 @@ ELEMENTWISE = _all(
 )  # fmt: skip
 register(*ELEMENTWISE)(elementwise._elementwise)
 
-register(aten.view.default, aten.reshape.default, aten._unsafe_view.default, fix=shape.fix_reshape_args)(
+register(aten.view.default, aten.reshape.default, aten._unsafe_view.default, fix=sizes.fix_reshape_args)(
     shape._reshape
 )
-register(aten.expand.default, fix=shape.fix_shape_args)(shape._expand)
+register(aten.expand.default, fix=sizes.fix_shape_args)(shape._expand)
 register(*_all(aten.flatten, aten.unflatten, aten.squeeze, aten.unsqueeze))(shape._flatten)
 register(aten.permute.default)(shape._permute)
 register(aten.transpose.int)(shape._transpose)

@@ -29,7 +29,7 @@ FUNCTIONS = (
     torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum, torch.where, torch.relu,
     torch.sigmoid, torch.tanh, torch.exp, torch.sqrt, torch.cos, torch.sin, torch.rsqrt, torch.abs, torch.neg, torch.clamp,
     torch.clip, torch.erf, torch.pow, torch.square, torch.sign, torch.nan_to_num, torch.addcmul, torch.addcdiv,
-    torch.lerp, torch.log, torch.reciprocal,
+    torch.lerp, torch.log, torch.reciprocal, torch.masked_fill,
     operator.lt, operator.le, operator.gt, operator.ge, operator.eq, operator.ne, operator.and_, operator.or_,
     operator.xor, operator.invert, torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge,
     torch.logical_and, torch.logical_or, torch.logical_not,

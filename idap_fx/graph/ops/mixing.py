@@ -222,8 +222,8 @@ def _baddbmm(ctx, node: fx.Node) -> Layout:
         Operand(ctx.layout(b), sb, {0: 0, 1: "K", 2: 2}),
         Operand(ctx.layout(c), sc, {d: nd - len(sc) + d for d in range(len(sc))}),
     ]
-    if (k_axis := ctx.layout(a).axis_of(2)) is not None:
-        ctx.coupling.input_mask(node.name, 1, k_axis.dims, k_axis.ids)
+    if (k_axis := ctx.layout(a).axis_of(2)) is not None:  # batch1 by position or by keyword
+        ctx.coupling.input_mask(node.name, 1 if len(node.args) > 1 else "batch1", k_axis.dims, k_axis.ids)
     return to_layout(nd, merge(ctx.coupling, node.name, operands, ["K"]), {d: d for d in range(nd)})
 
 

@@ -10,23 +10,23 @@ values along dims (reductions, pooling, softmax, matmul) are in ``mixing``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import torch
 from torch import fx, nn
 
-from idap_fx.graph.layout import Axis, Dynamic, Layout, all_ids
+from idap_fx.graph.layout import Axis, Layout
 from idap_fx.graph.ops.merge import Operand, collapse, merge, to_layout
-from idap_fx.graph.ops.registry import Rewrite, register
-
-
-def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
-    """Argument ``index`` of ``node``, else its keyword ``name``, else ``default``."""
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
+from idap_fx.graph.ops.registry import register
+from idap_fx.graph.ops.sizes import (
+    arg,
+    check_size_args,
+    fix_broadcast_to,
+    fix_reshape_args,
+    fix_shape_args,
+    shape_args,
+    shape_of,
+)
 
 
 def norm_dim(dim: int, nd: int) -> int:
@@ -143,17 +143,10 @@ def _reshape_spread(ctx, node: fx.Node, ax: Axis, hit: list, src: tuple[int, ...
     return Axis(tuple(out_dims), ids, free)
 
 
-def _shape_args(node: fx.Node) -> list[Any]:
-    rest = list(node.args[1:]) if node.op == "call_method" else [arg(node, 1, "shape")]
-    if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
-        rest = list(rest[0])
-    return rest
-
-
 def _free_by_args(node: fx.Node):
     """Prefer the output dim whose size is computed in the graph (it adapts), else the outermost one
     that is not unbound later (timm's ``reshape(B, N, 3, heads, head_dim)``: the 3 is q|k|v)."""
-    args = _shape_args(node)
+    args = shape_args(node)
     aligned = len(args) == len(node.meta["tensor_meta"].shape)
 
     def pick(dims: list[int]) -> int:
@@ -183,117 +176,6 @@ def unbound_later(node: fx.Node, dim: int, depth: int = 4) -> bool:
             if unbound_later(user, {a: b, b: a}.get(dim, dim), depth - 1):
                 return True
     return False
-
-
-def _foreign_dims(node: fx.Node, value_of: Callable[[Any], Any], src: Layout, out: Any = None) -> list[int]:
-    """Size arguments read off channels that are not this tensor's own, and (given the output layout
-    ``out``) fixed graph values on a dim whose channels shrink (Swin v2's ``reshape(B_, N, C)`` with ``C``
-    read off an input whose channels are frozen, on heads that are not)."""
-    own = set(all_ids(src).tolist())
-    args = _shape_args(node)
-    aligned = isinstance(out, Layout) and len(args) == out.ndim
-    dims = []
-    for d, arg in enumerate(args):
-        value = value_of(arg)
-        if (
-            isinstance(value, Dynamic)
-            and not value.taint.size
-            and aligned
-            and (ax := out.axis_of(d)) is not None
-        ):
-            if len(ax.dims) == 1 or ax.free == d:
-                dims.append(d)
-            continue
-        if not isinstance(value, Dynamic) or not value.taint.size:
-            continue
-        if value.shape_of is src or (value.shape_of is None and set(value.taint.tolist()) <= own):
-            continue
-        dims.append(d)
-    return dims
-
-
-def inferable_dim(
-    node: fx.Node, value_of: Callable[[Any], Any], src: Layout, rank: int, out: Any = None
-) -> int | None:
-    """The one view/reshape size read off another tensor (CLIP's ``reshape(b, t, embed_dim)`` with
-    ``embed_dim`` from the residual stream) when no other size is ``-1``: after pruning it is written
-    as ``-1``, which reshape infers exactly, so neither tensor needs to freeze."""
-    args = _shape_args(node)
-    foreign = _foreign_dims(node, value_of, src, out)
-    if len(args) != rank or len(foreign) != 1 or any(isinstance(a, int) and a == -1 for a in args):
-        return None
-    return foreign[0]
-
-
-def check_size_args(ctx, node: fx.Node, src: Layout, out: Layout, infer: bool = False) -> None:
-    """Sizes read off another tensor must not change under pruning unless they follow this one.
-
-    ``y.view(b, x.size(1), -1)`` ties ``x``'s channels to ``y``'s: if they are not the
-    same channels, both are frozen rather than letting the two drift apart. With ``infer``
-    (view / reshape) a single such size becomes ``-1`` after pruning instead (``inferable_dim``).
-    """
-    args = _shape_args(node)
-    skip = inferable_dim(node, ctx.value, src, len(ctx.shape(node)), out) if infer else None
-    for d in _foreign_dims(node, ctx.value, src, out):
-        if d == skip or _same_extent(ctx, node, args[d], out, d):
-            continue
-        value = ctx.value(args[d])
-        if value.taint.size:
-            ctx.coupling.freeze(value.taint, f"{node.name}: takes a size from another tensor")
-        if len(args) == len(ctx.shape(node)) and (ax := out.axis_of(d)) is not None:
-            ctx.coupling.freeze(ax.ids, f"{node.name}: size set from another tensor")
-        elif len(args) != len(ctx.shape(node)):
-            ctx.coupling.freeze(all_ids(out), f"{node.name}: shape set from another tensor")
-
-
-def _same_extent(ctx, node: fx.Node, size: Any, out: Layout, d: int) -> bool:
-    """A size read off another tensor's whole channel dim, set on an output dim that is one whole channel
-    axis of as many units (Swin v2 CR's ``windows.view(-1, ws, ws, C)`` with ``C`` from the block input):
-    the two axes are coupled, so they shrink together and the size stays right."""
-    value = ctx.value(size)
-    if not isinstance(value, Dynamic) or value.size_of is None or len(_shape_args(node)) != out.ndim:
-        return False
-    other = value.size_of[0].axis_of(value.size_of[1])
-    mine = out.axis_of(d)
-    if other is None or mine is None or other.dims != (value.size_of[1],) or mine.dims != (d,):
-        return False
-    if len(other.ids) != len(mine.ids):
-        return False
-    ctx.coupling.union(mine.ids, other.ids, f"{node.name}: size read off a coupled channel dim")
-    return True
-
-
-def _size_args(node: fx.Node) -> tuple[list[Any], Callable[[list[Any]], tuple]]:
-    """The size arguments of a view/reshape/expand node, and how to write new ones back."""
-    nested = node.op == "call_method" and len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
-    if node.op == "call_method" and not nested:
-        return list(node.args[1:]), lambda s: (node.args[0], *s)
-    if node.op == "call_method":
-        return list(node.args[1]), lambda s: (node.args[0], type(node.args[1])(s))
-    return list(node.args[1]), lambda s: (node.args[0], type(node.args[1])(s), *node.args[2:])
-
-
-def fix_shape_args(rw: Rewrite, node: fx.Node) -> None:
-    """Literal sizes in view/reshape/expand follow the new widths; -1 and graph values adapt.
-
-    The analysis lets ops with this fixer take sizes that pruning changes.
-    """
-    new = rw.shape(node)
-    sizes, rebuild = _size_args(node)
-    if len(sizes) != len(new):
-        return
-    changed = [new[d] if isinstance(s, int) and s > 0 and s != new[d] else s for d, s in enumerate(sizes)]
-    if changed != sizes:
-        node.args = rebuild(changed)
-
-
-def fix_reshape_args(rw: Rewrite, node: fx.Node) -> None:
-    """``fix_shape_args``, after writing the one size read off another tensor as ``-1`` (``inferable_dim``)."""
-    d = inferable_dim(node, rw.value, rw.value(node.args[0]), len(rw.shape(node)), rw.value(node))
-    if d is not None:
-        sizes, rebuild = _size_args(node)
-        node.args = rebuild([-1 if k == d else s for k, s in enumerate(sizes)])
-    fix_shape_args(rw, node)
 
 
 @register("view", "reshape", torch.reshape, fix=fix_reshape_args)
@@ -376,30 +258,13 @@ def _expand(ctx, node: fx.Node) -> Layout:
     return result
 
 
-def _shape_of(size: Any) -> fx.Node | None:
-    """The tensor whose whole shape ``size`` is (``t.shape``, ``t.size()``), else None."""
-    if not isinstance(size, fx.Node):
-        return None
-    if size.op == "call_function" and size.target is getattr and size.args[1] == "shape":
-        return size.args[0]
-    if size.op == "call_method" and size.target == "size" and len(size.args) == 1 and not size.kwargs:
-        return size.args[0]
-    return None
-
-
-def fix_broadcast_to(rw: Rewrite, node: fx.Node) -> None:
-    """Literal sizes follow the new widths (as ``expand``); a shape read off a tensor adapts by itself."""
-    if not isinstance(node.args[1], fx.Node):
-        fix_shape_args(rw, node)
-
-
 @register(torch.broadcast_to, "broadcast_to", fix=fix_broadcast_to)
 def _broadcast_to(ctx, node: fx.Node) -> Layout:
     """``broadcast_to(x, t.shape)`` (Falcon's key / value heads to the query's shape): the output has ``t``'s
     channels; each axis of ``x`` lies on the same dims of an axis of ``t`` and is coupled with it position by
     position, copies along broadcast sub-dims included (a KV head with the query heads it serves).
     Literal sizes are ``expand``."""
-    other = _shape_of(node.args[1])
+    other = shape_of(node.args[1])
     if other is None:
         return _expand(ctx, node)
     src = node.args[0]
@@ -433,7 +298,7 @@ def _repeat(ctx, node: fx.Node) -> Layout:
     """``x.repeat(*sizes)`` / ``tile``: copies along dims; channels pass on dims copied once (a literal 1),
     elsewhere the copies would interleave removed and kept channels, so they freeze."""
     lay = ctx.layout(node.args[0])
-    reps = _shape_args(node)
+    reps = shape_args(node)
     nd = len(ctx.shape(node))
     reps = [1] * (nd - len(reps)) + reps  # tile pads missing leading repeats with 1
     off = nd - lay.ndim
