@@ -44,8 +44,13 @@ def _is_uniform(node: fx.Node) -> bool:
 
 
 def _is_meta(node: fx.Node) -> bool:
-    """``x.device`` / ``x.dtype`` on an fx graph: the same for every input the model can run on."""
-    return node.op == "call_function" and node.target is getattr and node.args[1] in ("device", "dtype")
+    """``x.device`` / ``x.dtype`` on an fx graph: the same for every input the model can run on (a dtype
+    only where shapes were recorded, which is where it is read from)."""
+    if not (node.op == "call_function" and node.target is getattr and isinstance(node.args[0], fx.Node)):
+        return False
+    return node.args[1] == "device" or (
+        node.args[1] == "dtype" and hasattr(node.args[0].meta.get("tensor_meta"), "dtype")
+    )
 
 
 def _constant_nodes(gm: fx.GraphModule) -> dict[fx.Node, bool]:

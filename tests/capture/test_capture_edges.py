@@ -161,3 +161,39 @@ def test_an_inf_mask_buffer_passes_optimize_but_an_inf_parameter_does_not() -> N
     nan_buffer.causal[0, 0] = math.nan
     with pytest.raises(IdapError, match=r"causal contains NaN"):
         idap_fx.optimize(nan_buffer, x, target_params=0.8, budget=None, quiet=True)
+
+
+class _DeviceSlopes(nn.Module):
+    """Per-head slopes built on the input's device (``arange(..., device=x.device)``, as Bloom's ALiBi) and a
+    position bias from ``arange(x.size(1))``, which depends on the input and must stay computed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.out = nn.Linear(8, 3 * 4 * 2), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, 4, 2).permute(2, 0, 3, 1, 4).unbind(0)
+        slopes = torch.pow(0.5, torch.arange(1, 5, device=x.device, dtype=x.dtype))
+        distance = torch.arange(x.size(1), device=x.device, dtype=x.dtype)
+        bias = slopes[:, None, None] * distance[None, None, :]
+        att = (q @ k.transpose(-1, -2) - bias).softmax(-1)
+        return self.out((att @ v).transpose(1, 2).reshape(b, t, 8))
+
+
+def test_fx_capture_folds_constant_arange_but_not_one_sized_by_the_input() -> None:
+    x = torch.randn(2, 5, 8)
+    model = _DeviceSlopes().eval()
+    gm = idap_fx.trace(model, x)
+    aranges = [n for n in gm.graph.nodes if n.target is torch.arange]
+    assert len(aranges) == 1 and any(isinstance(a, torch.fx.Node) for a in aranges[0].args)  # the x.size(1) one
+    assert any(name.startswith("_folded_") for name, _ in gm.named_buffers())
+    dg = idap_fx.analyze(gm)
+    heads = [g for g in dg.prunable if g.exact and g.size == 4]
+    assert len(heads) == 1, [(g.id, g.frozen_reason) for g in dg.groups]
+    plan = {heads[0].id: [0, 3]}
+    pruned, masked = idap_fx.prune(gm, plan, dg), idap_fx.mask(gm, plan, dg)
+    longer = torch.randn(2, 9, 8)
+    with torch.no_grad():
+        for inp in (x, longer):
+            assert rel_err(pruned(inp), masked(inp)) <= 1e-5 and rel_err(pruned(inp), model(inp)) > 1e-3
