@@ -186,7 +186,9 @@ def test_fx_capture_folds_constant_arange_but_not_one_sized_by_the_input() -> No
     model = _DeviceSlopes().eval()
     gm = idap_fx.trace(model, x)
     aranges = [n for n in gm.graph.nodes if n.target is torch.arange]
-    assert len(aranges) == 1 and any(isinstance(a, torch.fx.Node) for a in aranges[0].args)  # the x.size(1) one
+    assert len(aranges) == 1 and any(
+        isinstance(a, torch.fx.Node) for a in aranges[0].args
+    )  # the x.size(1) one
     assert any(name.startswith("_folded_") for name, _ in gm.named_buffers())
     dg = idap_fx.analyze(gm)
     heads = [g for g in dg.prunable if g.exact and g.size == 4]
