@@ -41,7 +41,7 @@ ELEMENTWISE = _all(
     aten.maximum, aten.minimum, aten.clone, aten._to_copy, aten.alias, aten.detach, aten.dropout, aten.lift_fresh_copy,
     aten.masked_fill, aten.eq, aten.ne, aten.lt, aten.le, aten.gt, aten.ge, aten.logical_not, aten.logical_and,
     aten.logical_or, aten.bitwise_not, aten.bitwise_and, aten.bitwise_or, aten.expand_as, aten.reciprocal,
-    aten.square, aten.sign, aten.contiguous, aten.rsub,
+    aten.square, aten.sign, aten.contiguous, aten.rsub, aten.type_as, aten.__and__, aten.__or__,
     aten.relu_, aten.add_, aten.mul_, aten.hardtanh_, aten.silu_, aten.hardswish_, aten.sigmoid_, aten.gelu_,
 )  # fmt: skip
 register(*ELEMENTWISE)(elementwise._elementwise)
@@ -296,6 +296,8 @@ register(aten.roll.default, aten.flip.default)(mixing._roll)
 register(aten.repeat.default, aten.tile.default)(shape._repeat)
 
 
-register(*_all(aten.arange, aten.zeros, aten.ones, aten.full, aten.empty, aten.scalar_tensor))(
-    creation._factory
-)
+FACTORIES = _all(
+    aten.arange, aten.zeros, aten.ones, aten.full, aten.empty, aten.scalar_tensor, aten.new_ones, aten.new_zeros,
+    aten.new_full, aten.new_empty,
+)  # fmt: skip
+register(*FACTORIES)(creation._factory)
