@@ -115,8 +115,10 @@ def _reshape_spread(ctx, node: fx.Node, ax: Axis, hit: list, src: tuple[int, ...
     repeat_kv: (kv_heads, n_rep) -> kv_heads * n_rep beside head_dim). The free dim's block may merge
     broadcast or batch dims into it: its ids repeat, so removing a KV head removes every query head it
     serves (Bloom's batch × heads). A block may also split into several dims if the ids vary along one
-    of them only (batch × heads back into batch, heads). None where they vary along more, or the other
-    axes share the blocks."""
+    of them only (batch × heads back into batch, heads); the free dim's block may split where they vary
+    along more, its outermost such dim shrinking and the inner ones joining its units (Falcon's
+    8 slots → 2 key/value groups × (2 query heads, k, v)). None otherwise, or where the other axes share
+    the blocks."""
     if ax.free is None:
         return None
     lo, hi = min(hit[0][0]), max(hit[-1][0])
@@ -129,18 +131,21 @@ def _reshape_spread(ctx, node: fx.Node, ax: Axis, hit: list, src: tuple[int, ...
         k = d - olo
         return bool((ids != ids.take([0], axis=k)).any())
 
-    out_dims = []
-    for _, outs in hit:
+    primary, inner = [], []
+    for ins, outs in hit:
         moving = [d for d in outs if dst[d] > 1 and varies(d)]
         if len(moving) > 1:
-            return None
-        out_dims.append(moving[0] if moving else next((d for d in outs if dst[d] > 1), None))
-    if None in out_dims:
+            if ax.free not in ins:
+                return None
+            inner.extend(moving[1:])
+        primary.append(moving[0] if moving else next((d for d in outs if dst[d] > 1), None))
+    if None in primary:
         return None
-    ids = ids[tuple(slice(None) if d in out_dims else 0 for d in range(olo, ohi + 1))]
-    free = next(d for (ins, _), d in zip(hit, out_dims, strict=True) if ax.free in ins)
-    collapse(ctx.coupling, ids, [k for k, d in enumerate(out_dims) if d != free], node.name)
-    return Axis(tuple(out_dims), ids, free)
+    dims = sorted(primary + inner)
+    ids = ids[tuple(slice(None) if d in dims else 0 for d in range(olo, ohi + 1))]
+    free = next(d for (ins, _), d in zip(hit, primary, strict=True) if ax.free in ins)
+    collapse(ctx.coupling, ids, [k for k, d in enumerate(dims) if d != free], node.name)
+    return Axis(tuple(dims), ids, free)
 
 
 def _free_by_args(node: fx.Node):
