@@ -93,7 +93,9 @@ def test_transformers5_llama_optimizes_and_exports() -> None:
     _, gm, x = _exported("llama")
     result = idap_fx.optimize(gm, x, target_macs=0.6, budget=None, round_to=1, quiet=True)
     assert result.report.target_reached
-    full = (x[0], torch.ones_like(x[1]))  # with the left-padded mask even the unpruned export differs (0.32)
+    # with the left-padded mask the export differs at the two padding positions only (fully masked query rows,
+    # whose outputs nobody reads; 0.32 even unpruned): parity is checked on a full mask
+    full = (x[0], torch.ones_like(x[1]))
     with tempfile.TemporaryDirectory() as d:
         report = idap_fx.export_onnx(result.model, full, f"{d}/llama5.onnx", dynamic_batch=False)
         assert report.max_rel_error <= 1e-4
