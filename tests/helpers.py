@@ -170,3 +170,16 @@ def raising(exc: BaseException) -> Callable[..., Any]:
         raise exc
 
     return callback
+
+
+class LastHiddenState(nn.Module):
+    """A Hugging Face model called with ``input_ids`` (and ``attention_mask``) that returns its last hidden
+    state: one tensor, as ``torch.export`` and the ONNX parity check take it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        extra = {} if mask is None else {"attention_mask": mask}
+        return self.model(input_ids=ids, **extra).last_hidden_state

@@ -13,7 +13,7 @@ from types import ModuleType
 
 import pytest
 import torch
-from helpers import expected_param_shapes, random_plan, rel_err
+from helpers import LastHiddenState, expected_param_shapes, random_plan, rel_err
 
 import idap_fx
 
@@ -383,21 +383,15 @@ def test_exported_falcon_keeps_kv_heads(hf: ModuleType) -> None:
     with a constant tensor, ``broadcast_to`` an ``aten.expand`` with literal sizes, the causal mask a ``triu``."""
     from idap_fx.capture.torch_export import from_exported
 
-    class Hidden(torch.nn.Module):
-        def __init__(self, model: torch.nn.Module) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, ids: torch.Tensor) -> torch.Tensor:
-            return self.model(input_ids=ids).last_hidden_state
-
     torch.manual_seed(0)
     config = hf.FalconConfig(
         vocab_size=64, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
         ffn_hidden_size=FFN, new_decoder_architecture=True, num_kv_heads=2, attn_implementation="sdpa",
     )  # fmt: skip
     ids = _inputs(2, 7)[0]
-    gm = from_exported(torch.export.export(Hidden(hf.FalconModel(config).eval()), (ids,), strict=False))
+    gm = from_exported(
+        torch.export.export(LastHiddenState(hf.FalconModel(config).eval()), (ids,), strict=False)
+    )
     dg = idap_fx.analyze(gm)
     assert not dg.boundaries
     exact = [g for g in dg.prunable if g.exact]
@@ -449,14 +443,6 @@ def test_exported_alibi_heads_prune_per_layer(hf: ModuleType, family: str) -> No
     bias chain per layer, so every layer has its own exact head group. prune == mask; Bloom: ONNX parity."""
     from idap_fx.capture.torch_export import from_exported
 
-    class Hidden(torch.nn.Module):
-        def __init__(self, model: torch.nn.Module) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            return self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-
     torch.manual_seed(0)
     if family == "bloom":
         model = hf.BloomModel(hf.BloomConfig(vocab_size=64, hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS))
@@ -468,7 +454,7 @@ def test_exported_alibi_heads_prune_per_layer(hf: ModuleType, family: str) -> No
         )  # fmt: skip
         model, mlp = hf.FalconModel(config), FFN
     ids, mask = _inputs(2, 7)
-    gm = from_exported(torch.export.export(Hidden(model.eval()), (ids, mask), strict=False))
+    gm = from_exported(torch.export.export(LastHiddenState(model.eval()), (ids, mask), strict=False))
     assert any(name.startswith("_folded_") for name, _ in gm.named_buffers())
     dg = idap_fx.analyze(gm)
     exact = [g for g in dg.prunable if g.exact]

@@ -14,7 +14,7 @@ import tempfile
 
 import pytest
 import torch
-from helpers import random_plan, rel_err
+from helpers import LastHiddenState, random_plan, rel_err
 
 import idap_fx
 from idap_fx.capture.torch_export import from_exported
@@ -46,15 +46,6 @@ FAMILIES = {  # family -> (config, model, extra config, kv heads)
 MLP = {"bloom": 4 * HIDDEN}
 
 
-class _Hidden(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-
-
 def _exported(family: str) -> tuple[torch.nn.Module, torch.fx.GraphModule, tuple[torch.Tensor, torch.Tensor]]:
     cfg_cls, model_cls, extra, kv = FAMILIES[family]
     torch.manual_seed(0)
@@ -65,7 +56,7 @@ def _exported(family: str) -> tuple[torch.nn.Module, torch.fx.GraphModule, tuple
         vocab_size=64, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
         num_attention_heads=HEADS, max_position_embeddings=64, **heads, **extra,
     )  # fmt: skip
-    model = _Hidden(getattr(hf, model_cls)(config).eval())
+    model = LastHiddenState(getattr(hf, model_cls)(config).eval())
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1, :2] = 0  # left padding in the second row
