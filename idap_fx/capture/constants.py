@@ -106,8 +106,8 @@ def fold_constants(gm: fx.GraphModule) -> list[str]:
     """Replace every computed constant tensor that feeds the rest of the graph by a buffer, in place.
 
     Returns the new buffers' names. A chain of one-input ops from a creation op
-    (``arange``, ``torch.tensor``) or a buffer becomes one buffer; small chains read by
-    several consumers are then copied per consumer (``_untie``).
+    (``arange``, ``torch.tensor``) becomes one buffer; small chains read by several
+    consumers are then copied per consumer (``_untie``).
     """
     constant = _constant_nodes(gm)
     frontier = [

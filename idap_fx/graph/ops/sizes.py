@@ -137,8 +137,7 @@ def _size_args(node: fx.Node) -> tuple[list[Any], Callable[[list[Any]], tuple]]:
     return list(node.args[1]), lambda s: (node.args[0], type(node.args[1])(s), *node.args[2:])
 
 
-_ARITHMETIC = {operator.mul: operator.mul, operator.floordiv: operator.floordiv, operator.add: operator.add,
-               operator.sub: operator.sub}  # fmt: skip
+_ARITHMETIC = (operator.mul, operator.floordiv, operator.add, operator.sub)
 
 
 def _new_size(rw: Rewrite, size: Any) -> Any:
@@ -156,7 +155,7 @@ def _new_size(rw: Rewrite, size: Any) -> Any:
         return seq[size.args[1]] if isinstance(seq, (list, tuple)) else None
     if size.op == "call_function" and size.target in _ARITHMETIC:
         a, b = (_new_size(rw, x) for x in size.args)
-        return None if not (isinstance(a, int) and isinstance(b, int)) else _ARITHMETIC[size.target](a, b)
+        return size.target(a, b) if isinstance(a, int) and isinstance(b, int) else None
     return None
 
 
