@@ -19,7 +19,6 @@ from idap_fx.graph import ops  # noqa: F401  (fills the registry)
 from idap_fx.graph.dependency import Coupling, DependencyGraph
 from idap_fx.graph.layout import Axis, Dynamic, Layout, all_ids, dim_ids, layouts_in
 from idap_fx.graph.ops.registry import is_tensor_meta, lookup, meta_shape
-from idap_fx.graph.ops.sizes import fix_broadcast_to, fix_reshape_args, fix_shape_args
 
 
 class RuleContext:
@@ -130,11 +129,7 @@ class LayoutProp(fx.Interpreter):
             except Exception as exc:  # a rule that cannot handle this use is a boundary too
                 reason = f"{_describe(n, self.module)} (rule '{rule.name}' declined: {exc})"
             else:
-                if rule.fix not in (
-                    fix_shape_args,
-                    fix_reshape_args,
-                    fix_broadcast_to,
-                ):  # only view/reshape/expand/broadcast_to rewrite sizes
+                if not rule.sizes:  # only ops whose fixer rewrites sizes may take sizes that change
                     for a in inputs:
                         if isinstance(self.env[a], Dynamic) and self.env[a].taint.size:
                             self.coupling.freeze(

@@ -46,10 +46,10 @@ ELEMENTWISE = _all(
 )  # fmt: skip
 register(*ELEMENTWISE)(elementwise._elementwise)
 
-register(aten.view.default, aten.reshape.default, aten._unsafe_view.default, fix=sizes.fix_reshape_args)(
-    shape._reshape
-)
-register(aten.expand.default, fix=sizes.fix_shape_args)(shape._expand)
+register(
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, fix=sizes.fix_reshape_args, sizes=True
+)(shape._reshape)
+register(aten.expand.default, fix=sizes.fix_shape_args, sizes=True)(shape._expand)
 register(*_all(aten.flatten, aten.unflatten, aten.squeeze, aten.unsqueeze))(shape._flatten)
 register(aten.permute.default)(shape._permute)
 register(aten.transpose.int)(shape._transpose)

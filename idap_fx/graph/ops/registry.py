@@ -46,11 +46,16 @@ Fixer = Callable[[Rewrite, fx.Node], None]
 
 @dataclass(frozen=True)
 class Rule:
-    """One op's semantics: ``propagate(ctx, node) -> output value``, and its width fixer."""
+    """One op's semantics: ``propagate(ctx, node) -> output value``, and its width fixer.
+
+    ``sizes``: the fixer rewrites the op's size arguments (view / reshape / expand), so the op
+    may take sizes that pruning changes; any other op freezes the channels such a size depends on.
+    """
 
     name: str
     propagate: Propagate
     fix: Fixer | None = None
+    sizes: bool = False
 
 
 MODULE_RULES: dict[type, Rule] = {}
@@ -61,13 +66,15 @@ NAMED_FUNCTION_RULES: dict[str, Rule] = {}
 TAG_RULES: dict[torch.Tag, Rule] = {}  # ATen overloads without a rule of their own, by tag (pointwise)
 
 
-def register(*keys: type | Callable | str, fix: Fixer | None = None) -> Callable[[Propagate], Propagate]:
+def register(
+    *keys: type | Callable | str, fix: Fixer | None = None, sizes: bool = False
+) -> Callable[[Propagate], Propagate]:
     """Decorator: register ``fn`` as the rule for every key (module type, function, method name, or a
-    third-party function's dotted ``module.qualname``)."""
+    third-party function's dotted ``module.qualname``); ``fix`` and ``sizes`` as in ``Rule``."""
 
     def deco(fn: Propagate) -> Propagate:
         for key in keys:
-            rule = Rule(fn.__name__.lstrip("_"), fn, fix)
+            rule = Rule(fn.__name__.lstrip("_"), fn, fix, sizes)
             if isinstance(key, str) and "." in key:
                 NAMED_FUNCTION_RULES[key] = rule
             elif isinstance(key, str):

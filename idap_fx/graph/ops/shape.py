@@ -183,7 +183,7 @@ def unbound_later(node: fx.Node, dim: int, depth: int = 4) -> bool:
     return False
 
 
-@register("view", "reshape", torch.reshape, fix=fix_reshape_args)
+@register("view", "reshape", torch.reshape, fix=fix_reshape_args, sizes=True)
 def _reshape(ctx, node: fx.Node) -> Layout:
     src = node.args[0]
     lay = ctx.layout(src)
@@ -241,7 +241,7 @@ def _transpose(ctx, node: fx.Node) -> Layout:
     return lay.moved(mapping, lay.ndim)
 
 
-@register("expand", fix=fix_shape_args)
+@register("expand", fix=fix_shape_args, sizes=True)
 def _expand(ctx, node: fx.Node) -> Layout:
     """``x.expand(*sizes)``: broadcast dims; a size-1 fixed sub-dim of a head axis (Falcon's key head beside its
     query heads, once exported) repeats each head's elements, so the head stays one unit."""
@@ -263,7 +263,7 @@ def _expand(ctx, node: fx.Node) -> Layout:
     return result
 
 
-@register(torch.broadcast_to, "broadcast_to", fix=fix_broadcast_to)
+@register(torch.broadcast_to, "broadcast_to", fix=fix_broadcast_to, sizes=True)
 def _broadcast_to(ctx, node: fx.Node) -> Layout:
     """``broadcast_to(x, t.shape)`` (Falcon's key / value heads to the query's shape): the output has ``t``'s
     channels; each axis of ``x`` lies on the same dims of an axis of ``t`` and is coupled with it position by
