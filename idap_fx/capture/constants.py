@@ -194,8 +194,8 @@ def _untie(gm: fx.GraphModule, attr: fx.Node, parameters: set[str], longest: int
     Bloom's ALiBi bias is computed once and read by every layer: shared, it would make
     one head group of all layers (dropping a head everywhere at once). The chain from
     the buffer to where it fans out (views and element-wise ops only) is copied per
-    consumer, buffer included, when its values take at most ``UNTIE_BYTES`` (sizes recorded by ``torch.export``): a bias of
-    heads x positions is copied, a causal mask of positions² at long lengths is not.
+    consumer, buffer included, when its values take at most ``UNTIE_BYTES`` (recorded sizes):
+    a bias of heads x positions is copied, a causal mask of positions² at long lengths is not.
     Returns the new buffers' nodes, and ``attr`` again when it was split (its chain may
     fan out again further on).
     """
