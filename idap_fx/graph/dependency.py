@@ -77,7 +77,8 @@ class ChannelGroup:
     """Coupled channels that must be removed together.
 
     ``size`` counts units: the indices a plan may name. A unit can stand for several
-    channels (an attention head, one in-group position of a grouped conv).
+    channels (an attention head, one in-group position of a grouped conv). Pinned channels
+    (``pinned_reason``: multi-query attention's one key / value head) are in no unit: they stay.
     """
 
     id: str
@@ -92,6 +93,8 @@ class ChannelGroup:
     units: list[np.ndarray] = field(repr=False)
     parts: list[np.ndarray] = field(default_factory=list, repr=False)
     part_names: list[str] = field(default_factory=list, repr=False)
+    pinned_reason: str | None = None
+    """Why some channels of a prunable group always stay (they are in no unit), if any do."""
 
     def violated_part(self, indices: Sequence[int]) -> str | None:
         """The first part (a split branch, a layer's slice) that ``indices`` would empty, if any."""
@@ -110,6 +113,7 @@ class Coupling:
         self.n_elements = 0
         self._unions: list[tuple[np.ndarray, np.ndarray, str]] = []
         self._freezes: list[tuple[np.ndarray, str]] = []
+        self._pins: list[tuple[np.ndarray, str]] = []
         self._inexact: list[tuple[np.ndarray, str]] = []
         self.members: list[Member] = []
         self.input_masks: list[InputMask] = []
@@ -133,6 +137,12 @@ class Coupling:
         ids = np.asarray(ids).ravel()
         if ids.size:
             self._freezes.append((ids, reason))
+
+    def pin(self, ids: np.ndarray, reason: str) -> None:
+        """These elements (and the units they fall in) always stay; the rest of their group may go."""
+        ids = np.asarray(ids).ravel()
+        if ids.size:
+            self._pins.append((ids, reason))
 
     def inexact(self, ids: np.ndarray, reason: str) -> None:
         """Pruning these changes more than masking would (e.g. LayerNorm statistics)."""
@@ -193,6 +203,10 @@ class Coupling:
                     spaces.add_edge(x, y, reasons={reason})
 
         frozen_why = _reasons_by_space(self._freezes, elem_space)
+        pinned_why = _reasons_by_space(self._pins, elem_space)
+        pinned_units = np.unique(unit_of[np.concatenate([p[0] for p in self._pins])]) if self._pins else []
+        pinned = np.zeros(n, dtype=bool)
+        pinned[np.isin(unit_of, pinned_units)] = True
         inexact_why = _reasons_by_space(self._inexact, elem_space)
         comps = sorted((sorted(c) for c in nx.connected_components(spaces)), key=lambda c: c[0])
         elem_group = np.empty(n, dtype=np.int64)
@@ -207,7 +221,7 @@ class Coupling:
             _, starts = np.unique(units_here[by_unit], return_index=True)
             chunks = np.split(elems[by_unit], starts[1:])
             # units ordered by their first element; a zero-size space (an empty slice) holds none
-            units = sorted((c for c in chunks if c.size), key=lambda c: int(c[0]))
+            units = sorted((c for c in chunks if c.size and not pinned[c[0]]), key=lambda c: int(c[0]))
             frozen = _first_reasons(frozen_why, comp)
             inexact = _first_reasons(inexact_why, comp)
             anchor = group_spaces[0]
@@ -228,6 +242,7 @@ class Coupling:
                     members=[],
                     spaces=group_spaces,
                     units=units,
+                    pinned_reason=_first_reasons(pinned_why, comp) if pinned[elems].any() else None,
                 )
             )
         self._attach_members(groups, elem_group)
@@ -239,7 +254,7 @@ class Coupling:
     def _attach_members(self, groups: list[ChannelGroup], elem_group: np.ndarray) -> None:
         """Each member's slice into the group(s) its elements fall in; a member covering only some
         of a group's units makes a part (a concatenated branch, a split piece)."""
-        local_unit = np.empty(self.n_elements, dtype=np.int64)
+        local_unit = np.full(self.n_elements, -1, dtype=np.int64)  # -1: a pinned element, in no unit
         for g in groups:
             for k, elems in enumerate(g.units):
                 local_unit[elems] = k
@@ -249,8 +264,12 @@ class Coupling:
                 pos = np.nonzero(g_of_pos == gi)[0]
                 group = groups[gi]
                 group.members.append(GroupMember(m.node, m.param, m.dim, m.role, int(pos[0]), int(pos.size)))
-                part = np.unique(local_unit[m.ids[pos]])
-                if part.size < group.size and not any(np.array_equal(part, p) for p in group.parts):
+                part = np.unique(local_unit[m.ids[pos]])  # a member holding pinned channels never empties
+                if (
+                    part[0] >= 0
+                    and part.size < group.size
+                    and not any(np.array_equal(part, p) for p in group.parts)
+                ):
                     group.parts.append(part)
                     group.part_names.append(f"{m.param} dim {m.dim}")
 

@@ -303,7 +303,7 @@ FALCON = {  # variant -> (config, attention implementation, exact group sizes pe
     ),  # a unit: a KV head
     "new-sdpa": ({"new_decoder_architecture": True, "num_kv_heads": HEADS}, "sdpa", [HEADS, FFN]),
     "classic": ({"multi_query": False, "bias": True}, "eager", [HEADS, FFN]),
-    "multi-query": ({"multi_query": True}, "eager", [FFN]),  # one key/value head for all: query heads freeze
+    "multi-query": ({"multi_query": True}, "eager", [HEADS, FFN]),  # the one key/value head pinned
     "alibi": (
         {"multi_query": False, "alibi": True},
         "eager",
@@ -336,6 +336,11 @@ def test_falcon_heads_and_mlp_widths_prune_exactly(hf: ModuleType, variant: str)
         assert rel_err(pruned(*x), gm(*x)) > 1e-3
         other = _inputs(3, 5)
         assert rel_err(pruned(*other), masked(*other)) <= 1e-4
+    if variant == "multi-query":
+        qkv = pruned.state_dict()["h.0.self_attention.query_key_value.weight"]
+        assert qkv.shape == ((HEADS - 2 + 2) * HEAD_DIM, HIDDEN)  # two query heads gone, key and value kept
+        with tempfile.TemporaryDirectory() as d:
+            assert idap_fx.export_onnx(pruned, x, f"{d}/falcon.onnx").max_rel_error <= 1e-4
     if variant == "new-gqa":
         qkv = pruned.state_dict()["h.0.self_attention.query_key_value.weight"]
         assert qkv.shape == (

@@ -348,15 +348,66 @@ def test_heads_merged_into_the_batch_stay_exact(capture: str, module: type[nn.Mo
             assert rel_err(pruned(wide), torch.cat([pruned(row[None]) for row in wide])) <= 1e-5
 
 
-def test_literal_list_index_on_a_channel_dim_freezes_it() -> None:
+class MultiQueryHeads(nn.Module):
+    """Falcon-7B's multi-query attention: a fused (heads + 2, head_dim) projection, the query heads sliced
+    off, the one key and value head picked by list index (``aten.index`` with a constant once exported)
+    and broadcast against every query head; ``pick`` names them by absolute or end-relative position."""
+
+    def __init__(self, pick: tuple[int, int]) -> None:
+        super().__init__()
+        self.qkv, self.out, self.pick = nn.Linear(8, 6 * 2), nn.Linear(8, 8), pick
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        fused = self.qkv(x).view(b, t, 6, 2)
+        q = fused[..., :4, :].transpose(1, 2)
+        k = fused[..., [self.pick[0]], :].transpose(1, 2)
+        v = fused[..., [self.pick[1]], :].transpose(1, 2)
+        att = (q @ k.transpose(-1, -2)).softmax(-1) @ v
+        return self.out(att.transpose(1, 2).reshape(b, t, 8))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+@pytest.mark.parametrize("pick", [(4, 5), (-2, -1)])
+def test_query_heads_go_while_the_one_key_value_head_stays(capture: str, pick: tuple[int, int]) -> None:
+    """The single key / value head, broadcast against the query heads, froze them all ("a one-channel
+    tensor is broadcast against channels"), and the list index froze the fused projection ("indexes
+    into channels"). Now the key / value slots are pinned, each query head is a unit, and the listed
+    positions are renumbered after pruning (absolute ones went stale: the wrong slot was read)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    gm = _capture(MultiQueryHeads(pick).eval(), x, capture)
+    dg = idap_fx.analyze(gm)
+    heads = _group(dg, "qkv.weight", 0)
+    assert heads.prunable and heads.exact and heads.size == 4, heads.frozen_reason
+    assert "broadcast against many" in (heads.pinned_reason or "")
+    assert _group(dg, "out.weight", 1) is heads
+    for plan in ({heads.id: [0, 2]}, {heads.id: [1, 2, 3]}):
+        pruned, masked = idap_fx.prune(gm, plan, dg), idap_fx.mask(gm, plan, dg)
+        kept = 4 - len(plan[heads.id])
+        assert pruned.state_dict()["qkv.weight"].shape == ((kept + 2) * 2, 8)
+        with torch.no_grad():
+            assert rel_err(pruned(x), masked(x)) <= 1e-5 and rel_err(pruned(x), gm(x)) > 1e-3
+    with pytest.raises(idap_fx.PlanError, match="removes all 4 units"):
+        idap_fx.prune(gm, {heads.id: [0, 1, 2, 3]}, dg)
+
+
+def test_literal_list_index_on_a_channel_dim_is_renumbered() -> None:
     class Pick(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.fc = nn.Linear(5, 8)
+            self.fc, self.head = nn.Linear(5, 8), nn.Linear(3, 4)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(x)[:, [0, 2]]  # positions on a dim that shrinks would go stale
+            return self.head(self.fc(x)[:, [6, 0, 2]])  # picked positions follow pruning
 
-    dg = idap_fx.analyze(idap_fx.trace(Pick().eval(), torch.randn(3, 5)))
+    torch.manual_seed(0)
+    x = torch.randn(3, 5)
+    gm = idap_fx.trace(Pick().eval(), x)
+    dg = idap_fx.analyze(gm)
     group = _group(dg, "fc.weight", 0)
-    assert not group.prunable and "indexes into channels" in (group.frozen_reason or "")
+    assert group.prunable and group.exact and group.size == 8 and _group(dg, "head.weight", 1) is group
+    pruned, masked = idap_fx.prune(gm, {group.id: [0, 1, 5]}, dg), idap_fx.mask(gm, {group.id: [0, 1, 5]}, dg)
+    assert pruned.state_dict()["head.weight"].shape == (4, 2)
+    with torch.no_grad():
+        assert rel_err(pruned(x), masked(x)) <= 1e-5 and rel_err(pruned(x), gm(x)) > 1e-3

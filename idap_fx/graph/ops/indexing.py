@@ -1,8 +1,9 @@
 """Indexing a tensor (``x[...]``): dims kept, dropped or sliced, and slices that follow pruning.
 
 An integer index or a slice with bounds that would go stale freezes the channels it cuts;
-a slice with literal bounds on a dim that shrinks keeps its positions and is rewritten after
-pruning (``fix_slices``: Phi-3's fused qkv); a slice of a dim that never shrinks (head_dim
+a slice with literal bounds or a literal list of positions on a dim that shrinks keeps its
+positions and is rewritten after pruning (``fix_slices``: Phi-3's fused qkv, multi-query
+Falcon's ``qkv[..., [-2], :]``); a slice of a dim that never shrinks (head_dim
 under RoPE) keeps its positions as they are.
 """
 
@@ -34,7 +35,9 @@ def _source_dims(items: list[Any], ndim: int) -> list[int | None]:
 
 
 def fix_slices(rw: Rewrite, node: fx.Node) -> None:
-    """Literal slice bounds on a dim that lost positions count only the positions kept before them."""
+    """Literal slice bounds and index lists on a dim that lost positions count only the positions kept before them.
+
+    A listed position that was removed leaves the list (its element left the output with it)."""
     src, index = node.args
     meta = src.meta.get("tensor_meta") if isinstance(src, fx.Node) else None
     if not is_tensor_meta(meta) or isinstance(index, int):  # a tuple of tensors: plain item access
@@ -42,6 +45,12 @@ def fix_slices(rw: Rewrite, node: fx.Node) -> None:
     items = list(index) if isinstance(index, tuple) else [index]
     new = list(items)
     for k, (it, dim) in enumerate(zip(items, _source_dims(items, len(meta.shape)), strict=True)):
+        if dim is not None and _literal_list(it, items):
+            keep = rw.kept(src, dim)
+            if not keep.all():
+                before = np.cumsum(keep) - 1
+                new[k] = [int(before[p]) for p in np.asarray(it) % keep.size if keep[p]]
+            continue
         if (
             not isinstance(it, slice)
             or dim is None
@@ -92,7 +101,29 @@ def _constant_positions(ctx, it: Any) -> Any:
     return it
 
 
-@register(torch.ops.aten.index.Tensor)
+def fix_index_positions(rw: Rewrite, node: fx.Node) -> None:
+    """``aten.index.Tensor`` with a constant position tensor on a dim that lost positions reads a new
+    constant holding the kept positions renumbered (as ``fix_slices`` does for a literal list)."""
+    src, indices = node.args
+    new = list(indices)
+    for dim, it in enumerate(indices):
+        positions = _constant_positions(rw, it) if isinstance(it, fx.Node) else None
+        if not isinstance(positions, list) or sum(x is not None for x in indices) != 1:
+            continue
+        keep = rw.kept(src, dim)
+        if keep.all():
+            continue
+        before = np.cumsum(keep) - 1
+        kept = [int(before[p]) for p in np.asarray(positions) % keep.size if keep[p]]
+        name = f"_idap_index_{node.name}_{dim}"
+        rw.gm.register_buffer(name, torch.tensor(kept, dtype=it.meta["tensor_meta"].dtype))
+        with rw.gm.graph.inserting_before(node):
+            new[dim] = rw.gm.graph.get_attr(name)
+    if new != list(indices):
+        node.args = (src, new)
+
+
+@register(torch.ops.aten.index.Tensor, fix=fix_index_positions)
 def _aten_index(ctx, node: fx.Node) -> Layout:
     """``aten.index.Tensor(x, [None, ..., idx])``: ``None`` keeps a dim whole; a constant index tensor is
     the literal list it was written as (Falcon's ``qkv[:, :, :, [-2]]`` once exported)."""
@@ -147,11 +178,8 @@ def _index_tensor(ctx, node: fx.Node, lay: Layout, index: Any) -> Layout:
             mapping[i] = o
             i, o = i + 1, o + 1
         elif _literal_list(it, items):  # Falcon's fused qkv[..., [-2], :]: positions on one dim
-            ax = lay.axis_of(i)
-            if ax is not None and len(ax.dims) > 1 and ax.free not in (None, i):  # never shrinks: stays right
+            if lay.axis_of(i) is not None:  # on a dim that shrinks, ``fix_slices`` renumbers the positions
                 within[i] = np.asarray(it) % ctx.shape(node.args[0])[i]
-            elif ax is not None:
-                dropped.append(i)
             mapping[i] = o
             i, o = i + 1, o + 1
         elif _gather_index(it, items):  # a table read by an index tensor (relative position bias)

@@ -73,7 +73,10 @@ def merge(
     then coupled index by index on the shared ones. The output keeps, per cluster of
     coupled axes, one axis that covers all of the cluster's non-contracted labels. An
     operand with a real (non-broadcast) extent on a label where it carries no channels
-    pins that label: every axis over it is frozen. An axis lying only along the fixed labels of
+    pins that label: every axis over it is frozen. A one-channel axis broadcast against another
+    input's extent (multi-query attention's single key / value head against the query heads, a
+    one-channel gate against a feature map) is pinned and couples nothing: it is read by every
+    output channel, so it stays, and the other input's channels go on their own. An axis lying only along the fixed labels of
     another operand's multi-label axis (a head_dim-wide ``cos`` or q-norm weight against heads x
     head_dim) varies within that axis's units, which never shrink there: it is frozen, not coupled.
     """
@@ -82,12 +85,12 @@ def merge(
         for ax in op.layout.axes:
             free = op.labels[ax.free] if ax.free is not None else None
             laxes.append(_LAxis(i, tuple(op.labels[d] for d in ax.dims), ax.ids, free))
-    laxes = _drop_within_unit(coupling, reason, laxes)
-    if not laxes:
-        return []
     real: list[set[Label]] = [
         {op.labels[d] for d, s in enumerate(op.shape) if s > 1 and d in op.labels} for op in operands
     ]
+    laxes = _drop_broadcast(coupling, reason, _drop_within_unit(coupling, reason, laxes), real)
+    if not laxes:
+        return []
     g = nx.Graph()
     g.add_nodes_from(range(len(laxes)))
     by_label: dict[Label, int] = {}
@@ -138,16 +141,26 @@ def _drop_within_unit(coupling, reason: str, laxes: list[_LAxis]) -> list[_LAxis
     return kept
 
 
+def _drop_broadcast(coupling, reason: str, laxes: list[_LAxis], real: list[set[Label]]) -> list[_LAxis]:
+    """Pin and drop the axes with one element along a label where another input has a real extent."""
+    kept = []
+    for la in laxes:
+        if any(
+            size == 1 and any(lab in r for k, r in enumerate(real) if k != la.operand)
+            for lab, size in zip(la.labels, la.ids.shape, strict=True)
+        ):
+            coupling.pin(la.ids, f"{reason}: one channel broadcast against many")
+        else:
+            kept.append(la)
+    return kept
+
+
 def _problem(cluster: list[_LAxis], operands: Sequence[Operand], real: list[set[Label]]) -> str | None:
     labels = {lab for la in cluster for lab in la.shrinkable()}
     for i in range(len(operands)):
         covered = {lab for la in cluster if la.operand == i for lab in la.labels}
         if (real[i] & labels) - covered:
             return f"input {i} has a fixed extent where another input's channels flow"
-    for la in cluster:
-        for lab, size in zip(la.labels, la.ids.shape, strict=True):
-            if size == 1 and any(lab in r for r in real):
-                return "a one-channel tensor is broadcast against channels"
     return None
 
 

@@ -138,7 +138,9 @@ def _reshape_spread(ctx, node: fx.Node, ax: Axis, hit: list, src: tuple[int, ...
             if ax.free not in ins:
                 return None
             inner.extend(moving[1:])
-        primary.append(moving[0] if moving else next((d for d in outs if dst[d] > 1), None))
+        wide = [d for d in outs if dst[d] > 1]
+        # a block of size 1 (multi-query attention's one key / value slot) stays a dim of size 1
+        primary.append(moving[0] if moving else wide[0] if wide else outs[0] if len(outs) == 1 else None)
     if None in primary:
         return None
     dims = sorted(primary + inner)
