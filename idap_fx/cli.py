@@ -299,7 +299,9 @@ def _inspect(args: argparse.Namespace) -> int:
     for g in dg.groups:
         if g.prunable or args.all:
             status = (
-                "prunable" + ("" if g.exact else f" (inexact: {g.inexact_reason})")
+                "prunable"
+                + ("" if g.exact else f" (inexact: {g.inexact_reason})")
+                + (f" (pinned: {g.pinned_reason})" if g.pinned_reason else "")
                 if g.prunable
                 else f"frozen: {g.frozen_reason}"
             )

@@ -183,3 +183,22 @@ class LastHiddenState(nn.Module):
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         extra = {} if mask is None else {"attention_mask": mask}
         return self.model(input_ids=ids, **extra).last_hidden_state
+
+
+class MultiQueryHeads(nn.Module):
+    """Falcon-7B's multi-query attention: a fused (heads + 2, head_dim) projection, the query heads sliced
+    off, the one key and value head picked by list index (``aten.index`` with a constant once exported)
+    and broadcast against every query head; ``pick`` names them by absolute or end-relative position."""
+
+    def __init__(self, pick: tuple[int, int]) -> None:
+        super().__init__()
+        self.qkv, self.out, self.pick = nn.Linear(8, 6 * 2), nn.Linear(8, 8), pick
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        fused = self.qkv(x).view(b, t, 6, 2)
+        q = fused[..., :4, :].transpose(1, 2)
+        k = fused[..., [self.pick[0]], :].transpose(1, 2)
+        v = fused[..., [self.pick[1]], :].transpose(1, 2)
+        att = (q @ k.transpose(-1, -2)).softmax(-1) @ v
+        return self.out(att.transpose(1, 2).reshape(b, t, 8))

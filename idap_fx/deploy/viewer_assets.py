@@ -521,6 +521,7 @@ function groupCard(gid, role) {
   if (g.prunable) st.textContent = "prunable"; else { st.textContent = "frozen: "; st.appendChild(linkify(g.frozen_reason || "")); }
   kv(tb, "status", st);
   if (!g.exact) kv(tb, "exact", linkify("no: " + g.inexact_reason));
+  if (g.pinned_reason) kv(tb, "pinned", linkify("channels in no unit, always kept: " + g.pinned_reason));
   if (g.removed) kv(tb, "plan", g.removed.length ? "removes " + g.removed.length + " of " + g.size + " units (" + pct(g.removed.length, g.size) + "), " + g.removed_channels + " channels" : "nothing removed");
   if (g.parts.length) kv(tb, "parts", g.parts.join("; "));
   card.appendChild(tb);

@@ -54,6 +54,7 @@ def _group_entry(
         "frozen_reason": g.frozen_reason,
         "exact": g.exact,
         "inexact_reason": g.inexact_reason,
+        "pinned_reason": g.pinned_reason,
         "members": [[m.node, m.param, m.dim, m.role, m.offset, m.count] for m in g.members],
         "parts": list(g.part_names),
         "couplings": couplings.get(g.id, []),

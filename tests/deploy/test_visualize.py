@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from helpers import random_plan
+from helpers import MultiQueryHeads, random_plan
 from torch.fx.passes.shape_prop import ShapeProp
 
 import idap_fx
@@ -321,3 +321,15 @@ def test_resnet50_with_plan_in_chromium(chromium, tmp_path):
     _, console = _browse(chromium, page, fragment, f"--screenshot={shot}")
     assert not console, console
     _not_blank(shot)
+
+
+def test_pinned_channels_are_shown(tmp_path):
+    """Multi-query attention's one key / value head stays while the query heads are units: the page says so."""
+    gm = idap_fx.trace(MultiQueryHeads((-2, -1)).eval(), torch.randn(2, 5, 8))
+    out = tmp_path / "mqa.html"
+    visualize(gm, out)
+    (heads,) = [
+        g for g in _page_data(out)["groups"] if any(m[1:3] == ["qkv.weight", 0] for m in g["members"])
+    ]
+    assert heads["prunable"] and heads["size"] == 4 and heads["channels"] == 12
+    assert "broadcast against many" in heads["pinned_reason"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import random_plan, rel_err
+from helpers import MultiQueryHeads, random_plan, rel_err
 from torch import nn
 
 import idap_fx
@@ -348,25 +348,6 @@ def test_heads_merged_into_the_batch_stay_exact(capture: str, module: type[nn.Mo
             assert rel_err(pruned(wide), torch.cat([pruned(row[None]) for row in wide])) <= 1e-5
 
 
-class MultiQueryHeads(nn.Module):
-    """Falcon-7B's multi-query attention: a fused (heads + 2, head_dim) projection, the query heads sliced
-    off, the one key and value head picked by list index (``aten.index`` with a constant once exported)
-    and broadcast against every query head; ``pick`` names them by absolute or end-relative position."""
-
-    def __init__(self, pick: tuple[int, int]) -> None:
-        super().__init__()
-        self.qkv, self.out, self.pick = nn.Linear(8, 6 * 2), nn.Linear(8, 8), pick
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        fused = self.qkv(x).view(b, t, 6, 2)
-        q = fused[..., :4, :].transpose(1, 2)
-        k = fused[..., [self.pick[0]], :].transpose(1, 2)
-        v = fused[..., [self.pick[1]], :].transpose(1, 2)
-        att = (q @ k.transpose(-1, -2)).softmax(-1) @ v
-        return self.out(att.transpose(1, 2).reshape(b, t, 8))
-
-
 @pytest.mark.parametrize("capture", ["fx", "export"])
 @pytest.mark.parametrize("pick", [(4, 5), (-2, -1)])
 def test_query_heads_go_while_the_one_key_value_head_stays(capture: str, pick: tuple[int, int]) -> None:
@@ -411,3 +392,29 @@ def test_literal_list_index_on_a_channel_dim_is_renumbered() -> None:
     assert pruned.state_dict()["head.weight"].shape == (4, 2)
     with torch.no_grad():
         assert rel_err(pruned(x), masked(x)) <= 1e-5 and rel_err(pruned(x), gm(x)) > 1e-3
+
+
+class SpatialGate(nn.Module):
+    """CBAM-style spatial attention: a one-channel map gates every channel of the features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.gate, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 1, 1), nn.Conv2d(8, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.a(x))
+        return self.b(y * torch.sigmoid(self.gate(y)))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_one_channel_gate_leaves_the_features_prunable(capture: str) -> None:
+    """The gate's one channel, broadcast against the features, froze them ("a one-channel tensor is
+    broadcast against channels"); it is pinned now and the features' channels prune exactly."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 9, 9)
+    gm = _capture(SpatialGate().eval(), x, capture)
+    dg = idap_fx.analyze(gm)
+    features = _group(dg, "a.weight", 0)
+    assert features.prunable and features.exact and features.size == 8, features.frozen_reason
+    assert _group(dg, "gate.weight", 1) is features and _group(dg, "b.weight", 1) is features
+    _exact_oracle(gm, dg, x)
