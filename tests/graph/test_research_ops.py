@@ -418,3 +418,27 @@ def test_a_one_channel_gate_leaves_the_features_prunable(capture: str) -> None:
     assert features.prunable and features.exact and features.size == 8, features.frozen_reason
     assert _group(dg, "gate.weight", 1) is features and _group(dg, "b.weight", 1) is features
     _exact_oracle(gm, dg, x)
+
+
+class PickedKeyGroups(nn.Module):
+    """A picked slot (size 1) of per-group keys broadcast against the query heads of each group: the key
+    axis also runs along the groups, which the queries may shrink, so pinning it would break the product."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.kv, self.o = nn.Linear(8, 24), nn.Linear(8, 12), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, 2, 2, 3, 2)[:, :, :, :, 1, :]
+        k = self.kv(x).view(b, t, 2, 3, 2)[:, :, :, [1], :]
+        return self.o((q * k).reshape(b, t, 8))
+
+
+def test_a_broadcast_axis_that_shares_shrinking_labels_freezes() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    dg = idap_fx.analyze(idap_fx.trace(PickedKeyGroups().eval(), x))
+    for param in ("q.weight", "kv.weight"):
+        group = _group(dg, param, 0)
+        assert not group.prunable and "broadcast against channels that may go" in group.frozen_reason

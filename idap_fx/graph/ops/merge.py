@@ -142,13 +142,17 @@ def _drop_within_unit(coupling, reason: str, laxes: list[_LAxis]) -> list[_LAxis
 
 
 def _drop_broadcast(coupling, reason: str, laxes: list[_LAxis], real: list[set[Label]]) -> list[_LAxis]:
-    """Pin and drop the axes with one element along a label where another input has a real extent."""
+    """Pin and drop the axes with one element along a label where another input has a real extent,
+    unless another input's axis may shrink along one of their other labels (then ``_problem`` freezes)."""
     kept = []
     for la in laxes:
-        if any(
-            size == 1 and any(lab in r for k, r in enumerate(real) if k != la.operand)
+        broadcast = {
+            lab
             for lab, size in zip(la.labels, la.ids.shape, strict=True)
-        ):
+            if size == 1 and any(lab in r for k, r in enumerate(real) if k != la.operand)
+        }
+        shrinking = {lab for lb in laxes if lb.operand != la.operand for lab in lb.shrinkable()}
+        if broadcast and not (set(la.labels) - broadcast) & shrinking:
             coupling.pin(la.ids, f"{reason}: one channel broadcast against many")
         else:
             kept.append(la)
@@ -161,6 +165,10 @@ def _problem(cluster: list[_LAxis], operands: Sequence[Operand], real: list[set[
         covered = {lab for la in cluster if la.operand == i for lab in la.labels}
         if (real[i] & labels) - covered:
             return f"input {i} has a fixed extent where another input's channels flow"
+    for la in cluster:
+        for lab, size in zip(la.labels, la.ids.shape, strict=True):
+            if size == 1 and any(lab in r for r in real):
+                return "a one-channel tensor is broadcast against channels that may go"
     return None
 
 
