@@ -154,6 +154,11 @@ def _parser() -> argparse.ArgumentParser:
         "--max-prune-ratio", type=_share, default=None, help="cap: fraction any layer may lose at most"
     )
     job.add_argument(
+        "--query-heads",
+        action="store_true",
+        help="grouped-query attention: remove query heads one by one, keep every key/value head",
+    )
+    job.add_argument(
         "--best-effort", action="store_true", help="target out of reach: write the best within budget"
     )
     job.add_argument("--quiet", action="store_true")
@@ -256,6 +261,7 @@ def _optimize(args: argparse.Namespace) -> int:
         compensation=False if args.compensation == "none" else args.compensation,
         min_keep=args.min_keep,
         max_prune_ratio=args.max_prune_ratio,
+        query_heads=args.query_heads,
         opset=getattr(args, "opset", None),
         latency=not (plan_only or args.no_latency),
         plan_only=plan_only,

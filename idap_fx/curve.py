@@ -37,6 +37,7 @@ from idap_fx.errors import BudgetError, IdapError
 from idap_fx.graph.analysis import analyze
 from idap_fx.method.allocate import OriginalWidths
 from idap_fx.method.compensation import compensate, resolve
+from idap_fx.rewrite.repeat_kv import with_query_heads
 from idap_fx.rewrite.surgery import prune
 
 __all__ = ["CurvePoint", "Snapshot", "Snapshots", "measure_curve", "ship_fastest", "write_curve"]
@@ -124,9 +125,15 @@ class Snapshots:
             compensate(before, after, dg, plan, (), refit, self.ctx.calibration)
         return after
 
+    def _traced(self, original: fx.GraphModule) -> fx.GraphModule:
+        """``original`` traced as stage 1 analysed it (``query_heads``: key / value copies as gathers)."""
+        traced = trace(original, self.inputs)
+        first = self.options[0] if self.options else None
+        return with_query_heads(traced) if getattr(first, "query_heads", False) else traced
+
     def replay(self, original: fx.GraphModule, upto: int | None = None) -> Iterator[fx.GraphModule]:
         """The models after 0, 1, ... ``upto`` snapshots, one at a time (the previous one is dropped)."""
-        current = trace(original, self.inputs)
+        current = self._traced(original)
         yield current
         shaped = False
         for s in self.items[:upto]:
@@ -174,7 +181,7 @@ class Snapshots:
         model = self.model(original, before)
         passes[0].start_step = cross
         passes[0].allocator = self.allocator or passes[0].allocator
-        passes[0].widths = OriginalWidths(analyze(trace(original, self.inputs)))  # the run's floors
+        passes[0].widths = OriginalWidths(analyze(self._traced(original)))  # the run's floors
         with torch.random.fork_rng():
             torch.manual_seed(self.ctx.seed)
             for p in passes:

@@ -41,6 +41,7 @@ from idap_fx.method.schedule import Schedule, get_schedule
 from idap_fx.method.scoring import Importance, Scores, ScoringContext, get_importance
 from idap_fx.metrics import count_macs, count_params, fingerprint
 from idap_fx.options import PruneOptions
+from idap_fx.rewrite.repeat_kv import with_query_heads
 from idap_fx.rewrite.surgery import discard, prune, return_free_memory
 
 
@@ -379,6 +380,8 @@ class PruneChannels(IdapPass):
 
     def _run(self, graph_module: fx.GraphModule) -> PassResult:
         current, modified, record = graph_module, False, self.record
+        if self.opts.query_heads:
+            current = with_query_heads(graph_module)
         steps = self.schedule.steps
         ignored = resolve_ignored(graph_module, self.opts.ignored_layers)
         bar = self.ctx.progress(range(self.start_step, steps), desc=f"prune_channels ({self.allocator})")

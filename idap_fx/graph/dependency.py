@@ -228,6 +228,9 @@ class Coupling:
             gid = anchor.node if anchor.label == "out" else f"{anchor.node}:{anchor.label}"
             if frozen is None and all(s.label.startswith("dim") for s in group_spaces):
                 frozen = f"parameter {anchor.node} is used by no channel-aware op"
+            pinned_reason = _first_reasons(pinned_why, comp) if pinned[elems].any() else None
+            if frozen is None and not units and pinned_reason:
+                frozen = f"every channel pinned ({pinned_reason})"
             if frozen is None and len(units) < 2:
                 frozen = "only one unit: nothing can be removed"
             groups.append(
@@ -242,7 +245,7 @@ class Coupling:
                     members=[],
                     spaces=group_spaces,
                     units=units,
-                    pinned_reason=_first_reasons(pinned_why, comp) if pinned[elems].any() else None,
+                    pinned_reason=pinned_reason,
                 )
             )
         self._attach_members(groups, elem_group)

@@ -476,3 +476,99 @@ def test_exported_alibi_heads_prune_per_layer(hf: ModuleType, family: str) -> No
         with tempfile.TemporaryDirectory() as d:
             report = idap_fx.export_onnx(pruned, (ids, mask), f"{d}/alibi.onnx", dynamic_batch=False)
             assert report.max_rel_error <= 1e-4
+
+
+QUERY_CASES = [
+    ("llama", 2, "eager"),
+    ("llama", 2, "sdpa"),
+    ("qwen2", 2, "eager"),
+    ("mistral", 1, "eager"),
+    ("gemma", 1, "eager"),
+]
+
+
+@pytest.mark.parametrize(
+    ("family", "kv_heads", "attn"), QUERY_CASES, ids=[f"{f}-kv{k}-{a}" for f, k, a in QUERY_CASES]
+)
+def test_query_heads_go_one_by_one_with_every_kv_head_kept(
+    hf: ModuleType, family: str, kv_heads: int, attn: str
+) -> None:
+    """``query_heads=True``: ``repeat_kv`` (expand + reshape, which cannot skip a copy) becomes a marked
+    gather; its key / value heads are pinned and every query head is a unit, so a plan may leave a key /
+    value head serving no query head (kv 2: heads 0, 1 and 3 go) or one (multi-query, kv 1)."""
+    from idap_fx.rewrite.repeat_kv import with_query_heads
+
+    _, traced = _decoder(hf, family, kv_heads, attn)
+    gm = with_query_heads(traced)
+    assert gm is not traced and sum("index_select" in str(n.target) for n in gm.graph.nodes) == 2 * LAYERS
+    assert not any("index_select" in str(n.target) for n in traced.graph.nodes)  # the input is left alone
+    dg = idap_fx.analyze(gm)
+    heads = [_group_of(dg, f"model.layers.{i}.self_attn.q_proj.weight") for i in range(LAYERS)]
+    assert all(g.prunable and g.exact and g.size == HEADS for g in heads), [
+        (g.size, g.frozen_reason) for g in heads
+    ]
+    kv = _group_of(dg, "model.layers.0.self_attn.k_proj.weight")
+    assert not kv.prunable  # pinned (kv 1: frozen with the rotary tables as before)
+    if kv_heads == 2:
+        assert (
+            "every channel pinned" in kv.frozen_reason and "copied to their query heads" in kv.frozen_reason
+        )
+    plan = {g.id: [0, 1, 3] for g in heads}
+    pruned, masked = idap_fx.prune(gm, plan, dg), idap_fx.mask(gm, plan, dg)
+    state = pruned.state_dict()
+    assert state["model.layers.0.self_attn.q_proj.weight"].shape == (HEAD_DIM, HIDDEN)
+    assert state["model.layers.0.self_attn.k_proj.weight"].shape == (kv_heads * HEAD_DIM, HIDDEN)
+    x, other = _inputs(2, 7), _inputs(3, 5)
+    with torch.no_grad():
+        assert rel_err(pruned(*x), masked(*x)) <= 1e-4 and rel_err(pruned(*x), gm(*x)) > 1e-3
+        assert rel_err(pruned(*other), masked(*other)) <= 1e-4
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_exported_query_heads_prune_and_export(hf: ModuleType, kv_heads: int) -> None:
+    """The same on a ``torch.export`` program (``aten.expand`` → ``aten.clone`` → ``aten.view``), with ONNX parity."""
+    from idap_fx.capture.torch_export import from_exported
+    from idap_fx.rewrite.repeat_kv import with_query_heads
+
+    torch.manual_seed(0)
+    cfg = hf.LlamaConfig(
+        vocab_size=64, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, num_key_value_heads=kv_heads, max_position_embeddings=64, attn_implementation="sdpa",
+    )  # fmt: skip
+    x = _inputs(2, 7)
+    exported = torch.export.export(LastHiddenState(hf.LlamaModel(cfg).eval()), x, strict=False)
+    gm = with_query_heads(from_exported(exported))
+    dg = idap_fx.analyze(gm)
+    heads = [g for g in dg.prunable if g.exact and g.size == HEADS]
+    assert len(heads) == LAYERS
+    plan = {g.id: [0, 2] for g in heads}
+    pruned, masked = idap_fx.prune(gm, plan, dg), idap_fx.mask(gm, plan, dg)
+    with torch.no_grad():
+        assert rel_err(pruned(*x), masked(*x)) <= 1e-4 and rel_err(pruned(*x), gm(*x)) > 1e-3
+    full = (x[0], torch.ones_like(x[1]))  # padded query rows differ even unpruned (docs/transformers.md)
+    with tempfile.TemporaryDirectory() as d:
+        assert idap_fx.export_onnx(pruned, full, f"{d}/q.onnx", dynamic_batch=False).max_rel_error <= 1e-4
+
+
+def test_optimize_with_query_heads_keeps_every_kv_head(hf: ModuleType) -> None:
+    """``optimize(..., query_heads=True)``: query heads leave one by one (not in whole key / value groups),
+    every key / value head stays, the target is reached, the model exports and ``at`` replays the run."""
+    _, gm = _decoder(hf, "llama", 2, "sdpa")
+    x = _inputs(2, 7)
+    res = idap_fx.optimize(
+        gm, x, target_macs=0.6, budget=None, quiet=True, strict=False, query_heads=True, keep_snapshots=True
+    )
+    assert res.report.macs_ratio <= 0.6 * 1.03
+    state = res.model.state_dict()
+    widths = [state[f"model.layers.{i}.self_attn.q_proj.weight"].shape[0] for i in range(LAYERS)]
+    assert all(
+        state[f"model.layers.{i}.self_attn.k_proj.weight"].shape[0] == 2 * HEAD_DIM for i in range(LAYERS)
+    )
+    assert any(w % (2 * HEAD_DIM) for w in widths), widths  # not whole key / value groups
+    with tempfile.TemporaryDirectory() as d:
+        assert idap_fx.export_onnx(res.model, x, f"{d}/llama.onnx").max_rel_error <= 1e-4
+    lighter = res.at(target_macs=0.8).state_dict()
+    assert lighter["model.layers.0.self_attn.k_proj.weight"].shape[0] == 2 * HEAD_DIM
+    assert all(
+        lighter[f"model.layers.{i}.self_attn.q_proj.weight"].shape[0] >= w for i, w in enumerate(widths)
+    )

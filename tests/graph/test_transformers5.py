@@ -90,3 +90,21 @@ def test_transformers5_llama_optimizes_and_exports() -> None:
     with tempfile.TemporaryDirectory() as d:
         report = idap_fx.export_onnx(result.model, full, f"{d}/llama5.onnx", dynamic_batch=False)
         assert report.max_rel_error <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "mistral"])
+def test_transformers5_query_heads_go_one_by_one(family: str) -> None:
+    """``query_heads``: every key / value head stays, each query head is a unit (``rewrite.repeat_kv``)."""
+    from idap_fx.rewrite.repeat_kv import with_query_heads
+
+    _, exported, x = _exported(family)
+    gm = with_query_heads(exported)
+    dg = idap_fx.analyze(gm)
+    heads = [g for g in dg.prunable if g.exact and g.size == HEADS]
+    assert len(heads) == LAYERS, [(g.id, g.size, g.frozen_reason) for g in dg.groups]
+    plan = {g.id: [0, 1, 3] for g in heads}
+    pruned, masked = idap_fx.prune(gm, plan, dg), idap_fx.mask(gm, plan, dg)
+    with torch.no_grad():
+        assert rel_err(pruned(*x), masked(*x)) <= 1e-4 and rel_err(pruned(*x), gm(*x)) > 1e-3
+    kv = [v.shape[0] for k, v in pruned.state_dict().items() if k.endswith("k_proj.weight")]
+    assert kv == [KV * HEAD_DIM] * LAYERS

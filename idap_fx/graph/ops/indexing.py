@@ -15,9 +15,15 @@ from typing import Any
 import numpy as np
 import torch
 from torch import fx
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from idap_fx.graph.layout import Axis, Dynamic, Layout
+from idap_fx.graph.ops.merge import collapse
 from idap_fx.graph.ops.registry import Rewrite, is_tensor_meta, register
+
+QUERY_HEADS = "idap_fx_query_heads"
+"""``node.meta`` key of an ``index_select`` that copies key / value heads to their query heads
+(written by ``idap_fx.rewrite.repeat_kv``): its input is pinned and every copy is a unit."""
 
 
 def _source_dims(items: list[Any], ndim: int) -> list[int | None]:
@@ -101,6 +107,16 @@ def _constant_positions(ctx, it: Any) -> Any:
     return it
 
 
+def _constant(rw: Rewrite, node: fx.Node, name: str, positions: list[int]) -> fx.Node:
+    """A new int64 buffer of ``rw.gm`` holding ``positions``, read by a ``get_attr`` before ``node``."""
+    value = torch.tensor(positions, dtype=torch.int64)
+    rw.gm.register_buffer(name, value)
+    with rw.gm.graph.inserting_before(node):
+        read = rw.gm.graph.get_attr(name)
+    read.meta["tensor_meta"] = _extract_tensor_metadata(value)
+    return read
+
+
 def fix_index_positions(rw: Rewrite, node: fx.Node) -> None:
     """``aten.index.Tensor`` with a constant position tensor on a dim that lost positions reads a new
     constant holding the kept positions renumbered (as ``fix_slices`` does for a literal list)."""
@@ -115,10 +131,7 @@ def fix_index_positions(rw: Rewrite, node: fx.Node) -> None:
             continue
         before = np.cumsum(keep) - 1
         kept = [int(before[p]) for p in np.asarray(positions) % keep.size if keep[p]]
-        name = f"_idap_index_{node.name}_{dim}"
-        rw.gm.register_buffer(name, torch.tensor(kept, dtype=it.meta["tensor_meta"].dtype))
-        with rw.gm.graph.inserting_before(node):
-            new[dim] = rw.gm.graph.get_attr(name)
+        new[dim] = _constant(rw, node, f"_idap_index_{node.name}_{dim}", kept)
     if new != list(indices):
         node.args = (src, new)
 
@@ -257,6 +270,66 @@ def _slice_positions(lay: Layout, dim: int, it: slice, size: int, out: int) -> n
     if it.stop is None or isinstance(it.stop, int) and it.stop >= size:
         return np.arange(size - out, size)
     return None
+
+
+def _select_args(node: fx.Node) -> tuple[fx.Node, int, Any]:
+    src = node.args[0]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
+    index = node.args[2] if len(node.args) > 2 else node.kwargs["index"]
+    return src, dim, index
+
+
+def fix_select_positions(rw: Rewrite, node: fx.Node) -> None:
+    """A constant index of ``index_select`` keeps the positions that stay, renumbered: of the input
+    (a removed input position leaves the index), or of the output for a ``QUERY_HEADS`` gather (its
+    input is pinned; a removed query head leaves its copy out)."""
+    src, dim, index = _select_args(node)
+    positions = _constant_positions(rw, index)
+    if not isinstance(positions, list):
+        return
+    dim = dim % len(src.meta["tensor_meta"].shape)
+    if node.meta.get(QUERY_HEADS):
+        kept = [p for p, k in zip(positions, rw.kept(node, dim), strict=True) if k]
+    else:
+        keep = rw.kept(src, dim)
+        before = np.cumsum(keep) - 1
+        kept = [int(before[p]) for p in np.asarray(positions) % keep.size if keep[p]]
+    if kept == positions:
+        return
+    new = _constant(rw, node, f"_idap_index_{node.name}", kept)
+    node.args = (src, node.args[1] if len(node.args) > 1 else dim, new)
+    node.kwargs = {k: v for k, v in node.kwargs.items() if k not in ("dim", "index")}
+
+
+@register(torch.index_select, "index_select", torch.ops.aten.index_select.default, fix=fix_select_positions)
+def _index_select(ctx, node: fx.Node) -> Layout:
+    """``index_select(x, dim, index)`` with a constant index: the positions it reads, as a literal list
+    index (renumbered after pruning). A ``QUERY_HEADS`` gather (``rewrite.repeat_kv``: a key / value head
+    copied to each of its query heads) pins its input and gives every copy a unit of its own."""
+    src, dim, index = _select_args(node)
+    lay = ctx.layout(src)
+    dim = dim % lay.ndim
+    positions = _constant_positions(ctx, index)
+    if not isinstance(positions, list):
+        for ax in lay.axes:
+            if dim in ax.dims:
+                ctx.coupling.freeze(ax.ids, f"{node.name}: gathers channels by a computed index")
+        return Layout(lay.ndim, tuple(ax for ax in lay.axes if dim not in ax.dims))
+    if not node.meta.get(QUERY_HEADS):
+        return _index_tensor(ctx, node, lay, tuple([slice(None)] * dim + [positions]))
+    # the heads' axis (kv heads x head_dim); with one key / value head only head_dim carries channels
+    ax = lay.axis_of(dim) or lay.axis_of(lay.ndim - 1)
+    axes = [a for a in lay.axes if a is not ax and dim not in a.dims]
+    if ax is None:
+        axes.append(Axis((dim,), ctx.coupling.new_space(node.name, len(positions), "copies")))
+    else:
+        ctx.coupling.pin(ax.ids, f"{node.name}: key / value heads copied to their query heads")
+        dims = tuple(sorted(set(ax.dims) | {dim}))
+        shape = [len(positions) if d == dim else ax.ids.shape[ax.dims.index(d)] for d in dims]
+        ids = ctx.coupling.new_space(node.name, int(np.prod(shape)), "copies").reshape(shape)
+        collapse(ctx.coupling, ids, [k for k, d in enumerate(dims) if d != dim], node.name)
+        axes.append(Axis(dims, ids, dim if len(dims) > 1 else None))
+    return Layout(lay.ndim, tuple(axes))
 
 
 @register("unbind", torch.unbind)
