@@ -59,16 +59,25 @@ __all__ = ["FORMAT", "load", "save"]
 FORMAT = "idap_fx/1"
 
 
+def _plain(value: Any) -> Any:
+    """Dataclasses and objects with ``to_dict`` (also inside lists and dicts) as dicts."""
+    if hasattr(value, "to_dict"):
+        return _plain(value.to_dict())
+    if is_dataclass(value) and not isinstance(value, type):
+        return _plain(asdict(value))
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def _jsonable(value: Any, what: str) -> Any:
-    """``value`` (dict, dataclass or object with ``to_dict``) as plain JSON data, or None."""
+    """``value`` (dict, dataclass, object with ``to_dict``, or a list of them) as plain JSON data, or None."""
     if value is None:
         return None
-    if hasattr(value, "to_dict"):
-        value = value.to_dict()
-    elif is_dataclass(value) and not isinstance(value, type):
-        value = asdict(value)
     try:
-        return json.loads(json.dumps(value))
+        return json.loads(json.dumps(_plain(value)))
     except (TypeError, ValueError) as e:
         raise ExportError(f"the {what} cannot be saved: it is not JSON-serialisable ({e})") from e
 

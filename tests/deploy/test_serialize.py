@@ -221,3 +221,21 @@ def test_save_needs_graph_module(tmp_path) -> None:
         save(nn.Linear(2, 2), tmp_path / "m.pt")
     with pytest.raises(ExportError, match="does not exist"):
         save(fx.symbolic_trace(nn.Linear(2, 2)), tmp_path / "nope" / "m.pt")
+
+
+def test_an_optimize_result_saves_with_its_plan_and_report(tmp_path) -> None:
+    """``save(result)``: the plan is a list of ``LayerChange`` dataclasses, which the JSON step refused
+    ("Object of type LayerChange is not JSON serializable") for every result ``optimize`` returns."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 32)
+    res = idap_fx.optimize(
+        torchvision.models.resnet18(weights=None).eval(), x, target_macs=0.8, budget=None, quiet=True
+    )
+    path = tmp_path / "r18.idap"
+    save(res, path)
+    loaded = load(path)
+    with torch.no_grad():
+        assert rel_err(loaded(x), res.model(x)) == 0.0
+    saved = loaded.meta["idap_fx"]
+    assert [c["module"] for c in saved["plan"]] == [c.module for c in res.plan]
+    assert saved["report"]["macs_ratio"] == pytest.approx(res.report.macs_ratio)
