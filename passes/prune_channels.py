@@ -382,6 +382,11 @@ class PruneChannels(IdapPass):
         current, modified, record = graph_module, False, self.record
         if self.opts.query_heads:
             current = with_query_heads(graph_module)
+            if current is graph_module:
+                record.notes.append(
+                    "query_heads: no repeat_kv (expand + reshape of key / value heads) found; "
+                    "heads, if any, are removed with their key / value head"
+                )
         steps = self.schedule.steps
         ignored = resolve_ignored(graph_module, self.opts.ignored_layers)
         bar = self.ctx.progress(range(self.start_step, steps), desc=f"prune_channels ({self.allocator})")

@@ -567,6 +567,10 @@ def test_optimize_with_query_heads_keeps_every_kv_head(hf: ModuleType) -> None:
     assert any(w % (2 * HEAD_DIM) for w in widths), widths  # not whole key / value groups
     with tempfile.TemporaryDirectory() as d:
         assert idap_fx.export_onnx(res.model, x, f"{d}/llama.onnx").max_rel_error <= 1e-4
+    assert not any("query_heads" in n for n in res.report.notes)
+    _, mha = _decoder(hf, "llama", HEADS, "eager")  # no repeat_kv to rewrite: the report says so
+    plain = idap_fx.optimize(mha, x, target_macs=0.9, budget=None, quiet=True, strict=False, query_heads=True)
+    assert any("no repeat_kv" in n for n in plain.report.notes)
     lighter = res.at(target_macs=0.8).state_dict()
     assert lighter["model.layers.0.self_attn.k_proj.weight"].shape[0] == 2 * HEAD_DIM
     assert all(
