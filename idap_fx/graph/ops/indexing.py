@@ -117,6 +117,21 @@ def _constant(rw: Rewrite, node: fx.Node, name: str, positions: list[int]) -> fx
     return read
 
 
+def _drop_unused(rw: Rewrite, old: Any) -> None:
+    """Erase the replaced index (its copies and ``get_attr``, and the buffer no node reads any more)."""
+    while isinstance(old, fx.Node) and not old.users:
+        source = old.args[0] if old.op != "get_attr" and old.args else None
+        rw.gm.graph.erase_node(old)
+        if old.op == "get_attr" and not any(
+            n.op == "get_attr" and n.target == old.target for n in rw.gm.graph.nodes
+        ):
+            owner, _, attr = old.target.rpartition(".")
+            module = rw.gm.get_submodule(owner)
+            if attr in module._buffers:
+                del module._buffers[attr]
+        old = source
+
+
 def fix_index_positions(rw: Rewrite, node: fx.Node) -> None:
     """``aten.index.Tensor`` with a constant position tensor on a dim that lost positions reads a new
     constant holding the kept positions renumbered (as ``fix_slices`` does for a literal list)."""
@@ -134,6 +149,8 @@ def fix_index_positions(rw: Rewrite, node: fx.Node) -> None:
         new[dim] = _constant(rw, node, f"_idap_index_{node.name}_{dim}", kept)
     if new != list(indices):
         node.args = (src, new)
+        for old in indices:
+            _drop_unused(rw, old)
 
 
 @register(torch.ops.aten.index.Tensor, fix=fix_index_positions)
@@ -299,6 +316,7 @@ def fix_select_positions(rw: Rewrite, node: fx.Node) -> None:
     new = _constant(rw, node, f"_idap_index_{node.name}", kept)
     node.args = (src, node.args[1] if len(node.args) > 1 else dim, new)
     node.kwargs = {k: v for k, v in node.kwargs.items() if k not in ("dim", "index")}
+    _drop_unused(rw, index)
 
 
 @register(torch.index_select, "index_select", torch.ops.aten.index_select.default, fix=fix_select_positions)
