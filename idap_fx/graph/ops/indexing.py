@@ -40,6 +40,12 @@ def _source_dims(items: list[Any], ndim: int) -> list[int | None]:
     return dims
 
 
+def _renumber(positions: list[int], keep: np.ndarray) -> list[int]:
+    """Listed positions of a dim that kept ``keep``, counted among the kept ones; removed ones leave."""
+    before = np.cumsum(keep) - 1
+    return [int(before[p]) for p in np.asarray(positions) % keep.size if keep[p]]
+
+
 def fix_slices(rw: Rewrite, node: fx.Node) -> None:
     """Literal slice bounds and index lists on a dim that lost positions count only the positions kept before them.
 
@@ -54,8 +60,7 @@ def fix_slices(rw: Rewrite, node: fx.Node) -> None:
         if dim is not None and _literal_list(it, items):
             keep = rw.kept(src, dim)
             if not keep.all():
-                before = np.cumsum(keep) - 1
-                new[k] = [int(before[p]) for p in np.asarray(it) % keep.size if keep[p]]
+                new[k] = _renumber(it, keep)
             continue
         if (
             not isinstance(it, slice)
@@ -144,9 +149,7 @@ def fix_index_positions(rw: Rewrite, node: fx.Node) -> None:
         keep = rw.kept(src, dim)
         if keep.all():
             continue
-        before = np.cumsum(keep) - 1
-        kept = [int(before[p]) for p in np.asarray(positions) % keep.size if keep[p]]
-        new[dim] = _constant(rw, node, f"_idap_index_{node.name}_{dim}", kept)
+        new[dim] = _constant(rw, node, f"_idap_index_{node.name}_{dim}", _renumber(positions, keep))
     if new != list(indices):
         node.args = (src, new)
         for old in indices:
@@ -308,9 +311,7 @@ def fix_select_positions(rw: Rewrite, node: fx.Node) -> None:
     if node.meta.get(QUERY_HEADS):
         kept = [p for p, k in zip(positions, rw.kept(node, dim), strict=True) if k]
     else:
-        keep = rw.kept(src, dim)
-        before = np.cumsum(keep) - 1
-        kept = [int(before[p]) for p in np.asarray(positions) % keep.size if keep[p]]
+        kept = _renumber(positions, rw.kept(src, dim))
     if kept == positions:
         return
     new = _constant(rw, node, f"_idap_index_{node.name}", kept)
