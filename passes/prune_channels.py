@@ -26,6 +26,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from idap_fx.errors import OptionError
 from idap_fx.graph.analysis import analyze
 from idap_fx.graph.dependency import ChannelGroup, DependencyGraph, Plan
+from idap_fx.graph.ops.indexing import QUERY_HEADS
 from idap_fx.method.allocate import (
     AUTO_CANDIDATES,
     Allocation,
@@ -382,7 +383,7 @@ class PruneChannels(IdapPass):
         current, modified, record = graph_module, False, self.record
         if self.opts.query_heads:
             current = with_query_heads(graph_module)
-            if current is graph_module:
+            if current is graph_module and not any(n.meta.get(QUERY_HEADS) for n in graph_module.graph.nodes):
                 record.notes.append(
                     "query_heads: no repeat_kv (expand + reshape of key / value heads) found; "
                     "heads, if any, are removed with their key / value head"

@@ -571,6 +571,12 @@ def test_optimize_with_query_heads_keeps_every_kv_head(hf: ModuleType) -> None:
     _, mha = _decoder(hf, "llama", HEADS, "eager")  # no repeat_kv to rewrite: the report says so
     plain = idap_fx.optimize(mha, x, target_macs=0.9, budget=None, quiet=True, strict=False, query_heads=True)
     assert any("no repeat_kv" in n for n in plain.report.notes)
+    from idap_fx.rewrite.repeat_kv import with_query_heads
+
+    again = idap_fx.optimize(  # a graph already rewritten has its gathers: nothing to report
+        with_query_heads(gm), x, target_macs=0.9, budget=None, quiet=True, strict=False, query_heads=True
+    )
+    assert not any("no repeat_kv" in n for n in again.report.notes)
     lighter = res.at(target_macs=0.8).state_dict()
     assert lighter["model.layers.0.self_attn.k_proj.weight"].shape[0] == 2 * HEAD_DIM
     assert all(
