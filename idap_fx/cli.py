@@ -111,22 +111,12 @@ def _choices(allowed: Sequence[str]) -> Callable[[str], list[str]]:
     return parse
 
 
-def _parser() -> argparse.ArgumentParser:
+def _job_parser(common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options shared by ``optimize`` and ``plan``: targets, budget, passes and pruning knobs."""
     from idap_fx.method.allocate import ALLOCATORS
     from idap_fx.method.scoring import CRITERIA
     from idap_fx.passes import PASSES
 
-    p = argparse.ArgumentParser(
-        prog="idap-fx", description="Structured pruning of PyTorch models (IDAP++ on torch.fx)."
-    )
-    sub = p.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("model", help="torchvision:NAME, timm:NAME, package.module:callable or FILE.pt2")
-    common.add_argument("--input-shape", type=_shape, help="example input shape (default 1,3,224,224)")
-    common.add_argument(
-        "--weights", help="state dict / checkpoint path, or a torchvision weight name (local cache)"
-    )
-    common.add_argument("--leaf-module", action="append", default=[], help="module class traced as one call")
     job = argparse.ArgumentParser(add_help=False, parents=[common])
     job.add_argument("--target-macs", type=_fraction, help="fraction of the original MACs to keep, e.g. 0.5")
     job.add_argument("--target-params", type=_fraction, help="fraction of the original parameters to keep")
@@ -155,13 +145,31 @@ def _parser() -> argparse.ArgumentParser:
     )
     job.add_argument(
         "--query-heads",
-        action="store_true",
-        help="grouped-query attention: remove query heads one by one, keep every key/value head",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="grouped-query attention: remove query heads one by one, keep every key/value head "
+        "(default: only where one key/value head serves them all)",
     )
     job.add_argument(
         "--best-effort", action="store_true", help="target out of reach: write the best within budget"
     )
     job.add_argument("--quiet", action="store_true")
+    return job
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="idap-fx", description="Structured pruning of PyTorch models (IDAP++ on torch.fx)."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("model", help="torchvision:NAME, timm:NAME, package.module:callable or FILE.pt2")
+    common.add_argument("--input-shape", type=_shape, help="example input shape (default 1,3,224,224)")
+    common.add_argument(
+        "--weights", help="state dict / checkpoint path, or a torchvision weight name (local cache)"
+    )
+    common.add_argument("--leaf-module", action="append", default=[], help="module class traced as one call")
+    job = _job_parser(common)
     o = sub.add_parser("optimize", parents=[job], help="prune, export ONNX, check latency, write reports")
     o.add_argument("--opset", type=_positive_int, default=None)
     o.add_argument("--out", default="model.onnx", help="ONNX output path")

@@ -129,7 +129,8 @@ class Snapshots:
         """``original`` traced as stage 1 analysed it (``query_heads``: key / value copies as gathers)."""
         traced = trace(original, self.inputs)
         first = self.options[0] if self.options else None
-        return with_query_heads(traced) if getattr(first, "query_heads", False) else traced
+        mode = getattr(first, "query_heads", False)
+        return traced if mode is False else with_query_heads(traced, single_kv_only=mode is None)
 
     def replay(self, original: fx.GraphModule, upto: int | None = None) -> Iterator[fx.GraphModule]:
         """The models after 0, 1, ... ``upto`` snapshots, one at a time (the previous one is dropped)."""

@@ -237,9 +237,10 @@ class PruneOptions(PassOptions):
     ``global``) decides which units go (``idap_fx.method.allocate``). A step that breaks
     the budget is retried at half size ``backtracks`` times. ``ignored_layers`` (module paths,
     their prefixes, module types or type names) keep every group their parameters belong to.
-    ``query_heads``: under grouped-query attention (``repeat_kv``), remove query heads one by one and
-    keep every key / value head (``idap_fx.rewrite.repeat_kv``), instead of a key / value head with
-    all its query heads (the default).
+    ``query_heads``: under grouped-query attention (``repeat_kv``), ``True`` removes query heads one by
+    one and keeps every key / value head (``idap_fx.rewrite.repeat_kv``); ``False`` removes a key /
+    value head with all its query heads; ``None`` (default) does the first only where one key / value
+    head serves every query head (multi-query attention, where the second could remove no head).
     """
 
     pass_name: ClassVar[str] = "prune_channels"
@@ -254,7 +255,7 @@ class PruneOptions(PassOptions):
     loss_fn: Callable[[Any, Any], Any] | None = None
     backtracks: int = 2
     ignored_layers: tuple[Any, ...] = ()
-    query_heads: bool = False
+    query_heads: bool | None = None
 
     def validate(self) -> None:
         from idap_fx.method.schedule import get_schedule
@@ -273,7 +274,8 @@ class PruneOptions(PassOptions):
         except IdapError as exc:
             raise OptionError(str(exc)) from None
         _bool("prune_inexact", self.prune_inexact)
-        _bool("query_heads", self.query_heads)
+        if self.query_heads is not None:
+            _bool("query_heads", self.query_heads)
         _optional_callable("loss_fn", self.loss_fn)
         _int_at_least("backtracks", self.backtracks, 0)
         bad = [e for e in self.ignored_layers if not isinstance(e, (str, type))]

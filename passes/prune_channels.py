@@ -379,15 +379,30 @@ class PruneChannels(IdapPass):
             f"{where} → held-out distillation loss after a {PROBE_STEPS}-step distillation probe",
         )
 
+    def _query_heads(self, graph_module: fx.GraphModule) -> fx.GraphModule:
+        """The graph stage 1 analyses: ``repeat_kv`` copies as gathers where ``query_heads`` asks."""
+        mode, notes = self.opts.query_heads, self.record.notes
+        if mode is False:
+            return graph_module
+        current = with_query_heads(graph_module, single_kv_only=mode is None)
+        if mode is None and current is not graph_module:
+            notes.append(
+                "query_heads (auto): one key / value head serves every query head (multi-query "
+                "attention); query heads are removed one by one, the key / value head stays"
+            )
+        elif (
+            mode
+            and current is graph_module
+            and not any(n.meta.get(QUERY_HEADS) for n in graph_module.graph.nodes)
+        ):
+            notes.append(
+                "query_heads: no repeat_kv (expand + reshape of key / value heads) found; "
+                "heads, if any, are removed with their key / value head"
+            )
+        return current
+
     def _run(self, graph_module: fx.GraphModule) -> PassResult:
-        current, modified, record = graph_module, False, self.record
-        if self.opts.query_heads:
-            current = with_query_heads(graph_module)
-            if current is graph_module and not any(n.meta.get(QUERY_HEADS) for n in graph_module.graph.nodes):
-                record.notes.append(
-                    "query_heads: no repeat_kv (expand + reshape of key / value heads) found; "
-                    "heads, if any, are removed with their key / value head"
-                )
+        current, modified, record = self._query_heads(graph_module), False, self.record
         steps = self.schedule.steps
         ignored = resolve_ignored(graph_module, self.opts.ignored_layers)
         bar = self.ctx.progress(range(self.start_step, steps), desc=f"prune_channels ({self.allocator})")

@@ -181,6 +181,16 @@ def _size_value(n: fx.Node, env: dict[fx.Node, Any]) -> Dynamic:
     ):
         d = args[1] + first.shape_of.ndim if args[1] < 0 else args[1]
         return Dynamic(n, dim_ids(first.shape_of, d), size_of=(first.shape_of, d))
+    if (
+        name == "getitem"
+        and isinstance(first, Dynamic)
+        and first.shape_of is not None
+        and isinstance(args[1], slice)
+    ):
+        # ``x.shape[-2:]`` (an upsampling target) depends on the dims it keeps, not on the channels
+        dims = range(first.shape_of.ndim)[args[1]]
+        taint = [dim_ids(first.shape_of, d) for d in dims]
+        return Dynamic(n, np.unique(np.concatenate(taint)) if taint else np.zeros(0, dtype=np.int64))
     if name in _NONE_CALLS and n.meta.get("tensor_meta", None) is None:
         return Dynamic(n)
     taints: list[np.ndarray] = []

@@ -7,7 +7,9 @@ every key / value head stays (what tensor-parallel serving wants), the copy has 
 any query head, which an ``expand`` cannot: ``gather_repeated_heads`` rewrites each such pattern into
 ``index_select(x, 1, [0, 0, 1, 1, ...])`` marked ``QUERY_HEADS``. Its rule pins the key / value heads
 and gives every copied head a unit of its own (coupled with its query head by the attention); after
-pruning, its fixer keeps the positions of the query heads that stay.
+pruning, its fixer keeps the positions of the query heads that stay. ``single_kv_only`` rewrites only
+the copies of one key / value head (multi-query attention), where the default unit would be every
+head of the layer at once, so no head could go at all.
 """
 
 from __future__ import annotations
@@ -71,13 +73,16 @@ def _repeat(reshape: fx.Node) -> tuple[fx.Node, int, int, int] | None:
     return source, d - 1, kv, n_rep
 
 
-def gather_repeated_heads(gm: fx.GraphModule) -> int:
-    """Rewrite every ``repeat_kv`` copy in ``gm`` (in place) into a marked gather; return how many."""
+def _copies(gm: fx.GraphModule, single_kv_only: bool) -> list[tuple[fx.Node, tuple[fx.Node, int, int, int]]]:
+    """The ``repeat_kv`` reshapes of ``gm`` with what ``_repeat`` found (one key / value head only if asked)."""
+    found = [(n, r) for n in gm.graph.nodes if _is(n, _RESHAPES) and (r := _repeat(n)) is not None]
+    return [(n, r) for n, r in found if not single_kv_only or r[2] == 1]
+
+
+def gather_repeated_heads(gm: fx.GraphModule, single_kv_only: bool = False) -> int:
+    """Rewrite the ``repeat_kv`` copies in ``gm`` (in place) into marked gathers; return how many."""
     count = 0
-    for node in list(gm.graph.nodes):
-        if not _is(node, _RESHAPES) or (found := _repeat(node)) is None:
-            continue
-        source, dim, kv, n_rep = found
+    for node, (source, dim, kv, n_rep) in _copies(gm, single_kv_only):
         name = f"_idap_repeat_{count}"
         while hasattr(gm, name):
             name += "_"
@@ -108,13 +113,13 @@ def gather_repeated_heads(gm: fx.GraphModule) -> int:
     return count
 
 
-def with_query_heads(gm: fx.GraphModule) -> fx.GraphModule:
+def with_query_heads(gm: fx.GraphModule, single_kv_only: bool = False) -> fx.GraphModule:
     """``gm`` with its ``repeat_kv`` copies as gathers: a new GraphModule sharing ``gm``'s parameters
     (``gm`` is left as it is), or ``gm`` itself where it has none."""
-    if not any(_is(n, _RESHAPES) and _repeat(n) is not None for n in gm.graph.nodes):
+    if not _copies(gm, single_kv_only):
         return gm
     out = fx.GraphModule(gm, copy.deepcopy(gm.graph), gm.__class__.__name__)
-    gather_repeated_heads(out)
+    gather_repeated_heads(out, single_kv_only)
     return out
 
 

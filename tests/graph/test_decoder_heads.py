@@ -101,7 +101,7 @@ def test_kv_head_units_are_exact_under_rope_and_gqa(
     # (Gemma 3 holds a second, local rotary embedding; a layer pattern may leave one of the two unused)
     assert rope and not any(g.prunable for g in rope)
     if family not in PROJ:  # (partial rotary also reads a size off cos: frozen for that reason first)
-        assert any("within the units" in g.frozen_reason for g in rope)
+        assert any("read within every unit" in (g.pinned_reason or "") for g in rope)
 
     plan = {gid: idx for gid, idx in random_plan(dg, 0.5, seed=3).items() if gid in wanted}
     assert len(plan) == 2 * LAYERS
@@ -582,3 +582,61 @@ def test_optimize_with_query_heads_keeps_every_kv_head(hf: ModuleType) -> None:
     assert all(
         lighter[f"model.layers.{i}.self_attn.q_proj.weight"].shape[0] >= w for i, w in enumerate(widths)
     )
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_optimize_removes_query_heads_by_default_under_multi_query_attention(
+    hf: ModuleType, kv_heads: int
+) -> None:
+    """The default (``query_heads=None``): with one key / value head (multi-query, Gemma-2B's layout) the
+    default unit would be every head of a layer, so no head could go and only MLP widths shrank; there
+    query heads now go one by one and the report says so. With two key / value heads a key / value head
+    still leaves with its query heads (the width stays a multiple of a key / value group), no note."""
+    _, gm = _decoder(hf, "mistral", kv_heads, "eager")
+    x = _inputs(2, 7)
+    res = idap_fx.optimize(gm, x, target_macs=0.6, budget=None, quiet=True, strict=False, keep_snapshots=True)
+    assert res.report.macs_ratio <= 0.6 * 1.03
+    state = res.model.state_dict()
+    q = [state[f"model.layers.{i}.self_attn.q_proj.weight"].shape[0] for i in range(LAYERS)]
+    k = [state[f"model.layers.{i}.self_attn.k_proj.weight"].shape[0] for i in range(LAYERS)]
+    auto = [n for n in res.report.notes if "query_heads (auto)" in n]
+    if kv_heads == 1:
+        assert min(q) < HEADS * HEAD_DIM and k == [HEAD_DIM] * LAYERS and auto, (q, k)
+    else:
+        assert all(w % (2 * HEAD_DIM) == 0 for w in q) and not auto, q
+        assert [w // (HEADS // kv_heads) for w in q] == k
+    with torch.no_grad():
+        assert torch.isfinite(res.model(*x)["logits"]).all()
+    with tempfile.TemporaryDirectory() as d:
+        assert idap_fx.export_onnx(res.model, x, f"{d}/m.onnx").max_rel_error <= 1e-4
+    assert res.at(target_macs=0.8).state_dict()["model.layers.0.self_attn.k_proj.weight"].shape[0] == k[0]
+    off = idap_fx.optimize(gm, x, target_macs=0.9, budget=None, quiet=True, strict=False, query_heads=False)
+    assert not any("query_heads" in n for n in off.report.notes)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_starcoder_multi_query_heads_go_one_by_one(hf: ModuleType, attn: str) -> None:
+    """GPTBigCode (StarCoder, ``multi_query=True``): one fused projection gives the query heads and a
+    head_dim-wide key and value, which ``repeat_kv`` copies to every query head. Analysed as it is, no
+    head can go; with the copies as gathers (the default for one key / value head) each query head is
+    a unit, the key and value stay, prune == mask."""
+    from idap_fx.capture.hf import trace_hf
+    from idap_fx.rewrite.repeat_kv import with_query_heads
+
+    torch.manual_seed(0)
+    cfg = hf.GPTBigCodeConfig(
+        vocab_size=64, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=FFN, multi_query=True,
+        attn_implementation=attn,
+    )  # fmt: skip
+    x = _inputs(2, 7)
+    traced = trace_hf(hf.GPTBigCodeModel(cfg).eval(), ["input_ids", "attention_mask"], x)
+    assert not [g for g in idap_fx.analyze(traced).prunable if g.size == HEADS]
+    gm = with_query_heads(traced, single_kv_only=True)
+    dg = idap_fx.analyze(gm)
+    heads = [_group_of(dg, f"h.{i}.attn.c_attn.weight") for i in range(LAYERS)]
+    assert all(g.prunable and g.exact and g.size == HEADS for g in heads), [g.frozen_reason for g in heads]
+    plan = {g.id: [0, 3] for g in heads}
+    pruned, masked = idap_fx.prune(gm, plan, dg), idap_fx.mask(gm, plan, dg)
+    assert pruned.state_dict()["h.0.attn.c_attn.weight"].shape == (2 * HEAD_DIM + 2 * HEAD_DIM, HIDDEN)
+    with torch.no_grad():
+        assert rel_err(pruned(*x), masked(*x)) <= 1e-4 and rel_err(pruned(*x), gm(*x)) > 1e-3

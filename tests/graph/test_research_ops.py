@@ -442,3 +442,38 @@ def test_a_broadcast_axis_that_shares_shrinking_labels_freezes() -> None:
     for param in ("q.weight", "kv.weight"):
         group = _group(dg, param, 0)
         assert not group.prunable and "broadcast against channels that may go" in group.frozen_reason
+
+
+class FlatKeyValueHeads(nn.Module):
+    """StarCoder's (GPTBigCode) multi-query attention: one fused projection gives the query heads and a
+    head_dim-wide key and value with no heads dim; they broadcast against every query head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c_attn, self.out = nn.Linear(8, 8 + 2 * 2), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.c_attn(x).split((8, 2, 2), dim=-1)
+        q = q.view(b, t, 4, 2).transpose(1, 2)
+        att = (q @ k.unsqueeze(1).transpose(-1, -2)).softmax(-1) @ v.unsqueeze(1)
+        return self.out(att.transpose(1, 2).reshape(b, t, 8))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_a_flat_key_read_by_every_query_head_is_pinned(capture: str) -> None:
+    """The key's head_dim channels are contracted with the same positions of every query head: they
+    froze the fused projection ("varies within the units (e.g. heads) of another input"). They are read
+    within every unit, so they stay (pinned) and the query heads go one by one."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    gm = _capture(FlatKeyValueHeads().eval(), x, capture)
+    dg = idap_fx.analyze(gm)
+    heads = _group(dg, "c_attn.weight", 0)
+    assert heads.prunable and heads.exact and heads.size == 4, heads.frozen_reason
+    assert "read within every unit" in (heads.pinned_reason or "")
+    for plan in ({heads.id: [1]}, {heads.id: [0, 2, 3]}):
+        pruned, masked = idap_fx.prune(gm, plan, dg), idap_fx.mask(gm, plan, dg)
+        assert pruned.state_dict()["c_attn.weight"].shape == ((4 - len(plan[heads.id])) * 2 + 4, 8)
+        with torch.no_grad():
+            assert rel_err(pruned(x), masked(x)) <= 1e-5 and rel_err(pruned(x), gm(x)) > 1e-3

@@ -77,8 +77,9 @@ def merge(
     input's extent (multi-query attention's single key / value head against the query heads, a
     one-channel gate against a feature map) is pinned and couples nothing: it is read by every
     output channel, so it stays, and the other input's channels go on their own. An axis lying only along the fixed labels of
-    another operand's multi-label axis (a head_dim-wide ``cos`` or q-norm weight against heads x
-    head_dim) varies within that axis's units, which never shrink there: it is frozen, not coupled.
+    another operand's multi-label axis (a head_dim-wide q-norm weight against heads x head_dim, the
+    single key head of multi-query attention contracted with every query head) varies within that
+    axis's units, which never shrink there: it is pinned, not coupled.
     """
     laxes: list[_LAxis] = []
     for i, op in enumerate(operands):
@@ -130,12 +131,12 @@ def merge(
 
 
 def _drop_within_unit(coupling, reason: str, laxes: list[_LAxis]) -> list[_LAxis]:
-    """Freeze and drop the axes that lie only along another operand's fixed (never shrinking) labels."""
+    """Pin and drop the axes that lie only along another operand's fixed (never shrinking) labels."""
     fixed = [(la.operand, set(la.labels) - la.shrinkable()) for la in laxes if len(la.labels) > 1]
     kept = []
     for lb in laxes:
         if any(op != lb.operand and set(lb.labels) <= labs for op, labs in fixed):
-            coupling.freeze(lb.ids, f"{reason}: varies within the units (e.g. heads) of another input")
+            coupling.pin(lb.ids, f"{reason}: read within every unit (e.g. head) of another input")
         else:
             kept.append(lb)
     return kept

@@ -67,6 +67,7 @@ def reshape_layout(
 ):
     """The layout after reshaping ``src`` to ``dst``; ``free_pref(dims)`` picks the dim allowed to shrink."""
     blocks = _blocks(src, dst)
+    layout = _pin_inner_axes(ctx, node, layout, blocks, dst)
     axes = []
     for ax in layout.axes:
         hit = [b for b in blocks if set(ax.dims) & set(b[0])]
@@ -108,6 +109,29 @@ def reshape_layout(
             continue
         axes.append(Axis(tuple(out_dims), ids))
     return Layout(len(dst), tuple(axes))
+
+
+def _pin_inner_axes(ctx, node: fx.Node, layout: Layout, blocks: list, dst: tuple[int, ...]) -> Layout:
+    """Where a reshape merges several channel axes into one dim (multi-query attention's heads with the
+    head_dim channels of the one value it read), the merged dim can only lose whole slices of the
+    outermost axis: the inner ones are pinned (they always stay) and dropped from the layout."""
+    pinned = []
+    for ins, outs in blocks:
+        inside = [a for a in layout.axes if set(a.dims) <= set(ins)]
+        if len([d for d in outs if dst[d] > 1]) != 1 or len(inside) < 2:
+            continue
+        if len([a for a in layout.axes if set(a.dims) & set(ins)]) != len(inside):
+            continue
+        outer = min(inside, key=lambda a: min(a.dims))
+        if any(min(a.dims) <= max(outer.dims) for a in inside if a is not outer):
+            continue
+        for a in inside:
+            if a is not outer:
+                ctx.coupling.pin(a.ids, f"{node.name}: merged inside the units of an outer channel dim")
+                pinned.append(a)
+    if not pinned:
+        return layout
+    return Layout(layout.ndim, tuple(a for a in layout.axes if all(a is not p for p in pinned)))
 
 
 def _reshape_spread(ctx, node: fx.Node, ax: Axis, hit: list, src: tuple[int, ...], dst: tuple[int, ...]):
