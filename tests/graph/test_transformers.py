@@ -348,3 +348,32 @@ def test_swin_t_heads_and_mlp_prune_equals_mask() -> None:
     with torch.no_grad():
         assert rel_err(pruned(x), masked(x)) <= 1e-4
     assert sum(p.numel() for p in pruned.parameters()) < 0.75 * sum(p.numel() for p in gm.parameters())
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_albert_shared_layer_heads_and_widths_prune_exactly(transformers: ModuleType, attn: str) -> None:
+    """ALBERT calls ``F.scaled_dot_product_attention`` with query, key and value *by keyword* (the rule read
+    positions only and declined: its heads froze) and shares one layer between all its layers: one head
+    group, one MLP group, and the factorised embedding (embedding_size 16 → hidden) prunable too."""
+    hf = transformers
+    torch.manual_seed(0)
+    cfg = hf.AlbertConfig(
+        vocab_size=100, embedding_size=16, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        intermediate_size=FFN, max_position_embeddings=32, attn_implementation=attn,
+    )  # fmt: skip
+    names, inputs = ["input_ids", "attention_mask"], _text_inputs(2, 8)
+    gm = trace_hf(hf.AlbertModel(cfg).eval(), names, inputs)
+    dg = idap_fx.analyze(gm)
+    layer = "encoder.albert_layer_groups.0.albert_layers.0"
+    heads = _group_holding(dg, f"{layer}.attention.query.weight", 0)
+    ffn = _group_holding(dg, f"{layer}.ffn.weight", 0)
+    embed = _group_holding(dg, "embeddings.word_embeddings.weight", 1)
+    assert not dg.boundaries
+    assert [(g.prunable, g.exact, g.size) for g in (heads, ffn)] == [(True, True, HEADS), (True, True, FFN)]
+    assert embed.prunable and embed.size == 16  # inexact: its LayerNorm spans the channels
+    plan = {heads.id: [0, 2], ffn.id: list(range(0, FFN, 3))}
+    pruned, masked = idap_fx.prune(gm, plan, dg), idap_fx.mask(gm, plan, dg)
+    assert pruned.state_dict()[f"{layer}.attention.query.weight"].shape == (HIDDEN // 2, HIDDEN)
+    with torch.no_grad():
+        for x in (inputs, _text_inputs(3, 5)):
+            assert rel_err(pruned(*x), masked(*x)) <= 1e-4 and rel_err(pruned(*x), gm(*x)) > 1e-3

@@ -229,7 +229,7 @@ def _baddbmm(ctx, node: fx.Node) -> Layout:
 
 @register(F.scaled_dot_product_attention)
 def _sdpa(ctx, node: fx.Node) -> Layout:
-    q, k, v = node.args[:3]
+    q, k, v = (arg(node, i, name) for i, name in enumerate(("query", "key", "value")))  # ALBERT: by keyword
     sq, sk, sv, out = ctx.shape(q), ctx.shape(k), ctx.shape(v), ctx.shape(node)
     nd = len(out)
     lq = {d: d for d in range(nd - 2)} | {nd - 2: nd - 2, nd - 1: "E"}
