@@ -195,7 +195,9 @@ def trace(
                 f"torch.fx cannot trace {type(model).__name__}: inside module {inside!r} "
                 f"({type(copied.get_submodule(inside)).__name__ if inside != '<root>' else type(model).__name__}) "
                 f"at {_user_frame(exc)}: {exc}. Hint: make that module a leaf "
-                "(trace(..., leaf_modules=[ItsClass])) or fix the branch with concrete_args."
+                "(trace(..., leaf_modules=[ItsClass])), fix the branch with concrete_args, or capture "
+                "the model with torch.export and pass the program: trace(torch.export.export(model, "
+                "inputs), inputs) (docs/export.md)."
             ) from exc
         _check_state_kept(copied, state)
         gm = fx.GraphModule(copied, graph, class_name=type(model).__name__)

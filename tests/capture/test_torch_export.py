@@ -228,3 +228,34 @@ def test_a_small_shared_bias_is_copied_per_layer(
     pruned, masked = idap_fx.prune(gm, plan, dg), idap_fx.mask(gm, plan, dg)
     with torch.no_grad():
         assert rel_err(pruned(x), masked(x)) <= 1e-5 and rel_err(pruned(x), model(x)) > 1e-3
+
+
+class _CSPBlock(nn.Module):
+    """ultralytics' C2f: ``list(x.chunk(2, 1))`` extended by bottlenecks and concatenated, which
+    ``torch.fx`` cannot trace (a Proxy cannot be iterated) and ``torch.export`` can."""
+
+    def __init__(self, c: int = 16, n: int = 2) -> None:
+        super().__init__()
+        self.cv1, self.cv2 = nn.Conv2d(c, c, 1), nn.Conv2d((2 + n) * (c // 2), c, 1)
+        self.m = nn.ModuleList(nn.Conv2d(c // 2, c // 2, 3, padding=1) for _ in range(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = list(torch.relu(self.cv1(x)).chunk(2, 1))
+        y.extend(torch.relu(m(y[-1])) for m in self.m)
+        return self.cv2(torch.cat(y, 1))
+
+
+def test_a_block_fx_cannot_trace_says_how_and_prunes_through_torch_export() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), _CSPBlock(), nn.Conv2d(16, 4, 1)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(TraceError, match="torch.export"):
+        idap_fx.trace(model, x)
+    gm = idap_fx.trace(torch.export.export(model, (x,)), x)
+    dg = idap_fx.analyze(gm)
+    chunked = [g for g in dg.groups if any(m.param == "1.cv1.weight" and m.dim == 0 for m in g.members)]
+    assert [(g.prunable, g.exact) for g in chunked] == [(True, True)]
+    plan = random_plan(dg, 0.4, seed=1)
+    pruned, masked = idap_fx.prune(gm, plan, dg), idap_fx.mask(gm, plan, dg)
+    with torch.no_grad():
+        assert rel_err(pruned(x), masked(x)) <= 1e-5 and rel_err(pruned(x), gm(x)) > 1e-3
