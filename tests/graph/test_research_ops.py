@@ -103,6 +103,32 @@ def test_reshape_as_follows_the_other_tensors_channels(capture: str) -> None:
     _exact_oracle(gm, dg, x)
 
 
+class RotateEveryTwo(nn.Module):
+    """timm EVA's interleaved rotary: ``stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)`` on
+    heads x head_dim; the reshape's whole target shape is read off ``x`` ("shape set from another
+    tensor" froze the heads), and follows ``x``'s heads after pruning as ``reshape_as`` does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.out = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, 4, 2).transpose(1, 2)
+        rot = torch.stack([-q[..., 1::2], q[..., ::2]], -1).reshape(q.shape)
+        return self.out((q + rot * 0.5).transpose(1, 2).reshape(b, t, -1))
+
+
+def test_reshape_to_another_tensors_whole_shape_follows_its_heads() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    gm = idap_fx.trace(RotateEveryTwo().eval(), x)
+    dg = idap_fx.analyze(gm)
+    heads = _group(dg, "q.weight", 0)
+    assert heads.prunable and heads.exact and heads.size == 4, heads.frozen_reason
+    _exact_oracle(gm, dg, x)
+
+
 def test_reshape_as_a_tensor_without_those_channels_freezes() -> None:
     class Mismatch(nn.Module):
         def __init__(self) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from idap_fx.graph.layout import Axis, Layout
+from idap_fx.graph.layout import Axis, Dynamic, Layout
 from idap_fx.graph.ops.merge import Operand, collapse, merge, to_layout
 from idap_fx.graph.ops.registry import register
 from idap_fx.graph.ops.sizes import (
@@ -213,6 +213,14 @@ def unbound_later(node: fx.Node, dim: int, depth: int = 4) -> bool:
 def _reshape(ctx, node: fx.Node) -> Layout:
     src = node.args[0]
     lay = ctx.layout(src)
+    sizes = shape_args(node)
+    whole = ctx.value(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], fx.Node) else None
+    if (
+        isinstance(whole, Dynamic)
+        and whole.shape_of is not None
+        and whole.shape_of.ndim == len(ctx.shape(node))
+    ):
+        return _follow_shape(ctx, node, whole.shape_of)  # ``x.reshape(y.shape)`` is ``x.reshape_as(y)``
     out = reshape_layout(ctx, node, lay, ctx.shape(src), ctx.shape(node), _free_by_args(node))
     check_size_args(ctx, node, lay, out, infer=True)
     return out
@@ -316,11 +324,15 @@ def _broadcast_to(ctx, node: fx.Node) -> Layout:
 def _reshape_as(ctx, node: fx.Node) -> Layout:
     """``x.reshape_as(y)``: a reshape to ``y``'s shape, which moves with ``y``'s channels after pruning,
     so the output's channel dims are coupled with ``y``'s (where ``y`` has a fixed extent they freeze)."""
-    src, other = node.args[0], node.args[1]
-    shape = ctx.shape(node)
+    return _follow_shape(ctx, node, ctx.layout(node.args[1]))
+
+
+def _follow_shape(ctx, node: fx.Node, target: Layout) -> Layout:
+    """``node`` reshapes its input to the shape of a tensor laid out as ``target`` (read at run time)."""
+    src, shape = node.args[0], ctx.shape(node)
     ident = {d: d for d in range(len(shape))}
     out = reshape_layout(ctx, node, ctx.layout(src), ctx.shape(src), shape)
-    operands = [Operand(out, shape, ident), Operand(ctx.layout(other), ctx.shape(other), ident)]
+    operands = [Operand(out, shape, ident), Operand(target, shape, ident)]
     return to_layout(len(shape), merge(ctx.coupling, node.name, operands), ident)
 
 
