@@ -192,6 +192,39 @@ class MobileDigitsNet(nn.Module):
         return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+class BasicBlock(nn.Module):
+    """ResNet's two 3×3 convolutions with batch norm and a residual (a 1×1 projection where the shape changes)."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.c2, self.b2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.down = (
+            None
+            if stride == 1 and cin == cout
+            else nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.b2(self.c2(F.relu(self.b1(self.c1(x)))))
+        return F.relu(h + (x if self.down is None else self.down(x)))
+
+
+class ResDigitsNet(nn.Module):
+    """A plain ResNet (six basic blocks over three stages, 32 / 64 / 128 wide) for 8×8 digits: a third
+    topology, added after the defaults were chosen on the other models (an unseen-model check)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        widths = [(32, 32, 1), (32, 32, 1), (32, 64, 2), (64, 64, 1), (64, 128, 2), (128, 128, 1)]
+        self.layers = nn.Sequential(*(BasicBlock(*w) for w in widths))
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1), 1))
+
+
 # --------------------------------------------------------------------------- tasks
 
 
@@ -216,11 +249,15 @@ def _train_digits(build: Callable[[], nn.Module], arch: str, seed: int, data: di
 
 
 def digits_task(arch: str, seed: int, calib_batches: int) -> Task:
-    """DigitsNet (quality.py) or MobileDigitsNet on scikit-learn's digits; metric: test accuracy."""
+    """DigitsNet (quality.py), MobileDigitsNet or ResDigitsNet on scikit-learn's digits; metric: test accuracy."""
     import quality
 
     data = digits_splits(quality.TRAIN["split_seed"])
-    build = (lambda: quality.DigitsNet(quality.TRAIN["width"])) if arch == "DigitsNet" else MobileDigitsNet
+    builds = {
+        "DigitsNet": lambda: quality.DigitsNet(quality.TRAIN["width"]),
+        "MobileDigitsNet": MobileDigitsNet,
+    }
+    build = builds.get(arch, ResDigitsNet)
     model = _train_digits(build, arch, seed, data)
     x_tr, y_tr = data["train"]
     gen = torch.Generator().manual_seed(1000 + seed)

@@ -1,7 +1,8 @@
 """Quality matrix: models × MAC targets × methods, one-shot and after one shared recovery loop.
 
-Models (``_matrix_tasks``): DigitsNet (quality.py) and MobileDigitsNet (depthwise, inverted
-residuals, SE) trained here on scikit-learn's digits (metric: test accuracy), ImageNet
+Models (``_matrix_tasks``): DigitsNet (quality.py), MobileDigitsNet (depthwise, inverted
+residuals, SE) and ResDigitsNet (a plain ResNet, added after the defaults were chosen: the
+unseen-model check) trained here on scikit-learn's digits (metric: test accuracy), ImageNet
 MobileNetV2 on photos split *by photo* into calibration/training, validation and test
 photos (metric: top-1 agreement with the unpruned model on the test photos), and
 all-MiniLM-L6-v2 on standard-library docstrings split by module (metric: cosine to the
@@ -53,7 +54,7 @@ from idap_fx.method.recovery import train_with_frozen_batchnorm
 from idap_fx.metrics import count_macs
 from idap_fx.options import PruneOptions, Recovery
 
-MODELS = ("digits", "mobile-digits", "mobilenet_v2", "minilm")
+MODELS = ("digits", "mobile-digits", "res-digits", "mobilenet_v2", "minilm")
 ALLOCATORS = ("global", "group", "cost", "sensitivity")
 TP_METHODS = {"tp:global-l1": ("l1", True), "tp:uniform-l1": ("l1", False), "tp:taylor": ("taylor", True)}
 # Torch-Pruning keeps widths aligned like idap_fx's default (``round_to``), so both give hardware-friendly widths.
@@ -67,6 +68,8 @@ def build_task(name: str, seed: int, args: argparse.Namespace) -> Task:
         return digits_task("DigitsNet", seed, args.calib)
     if name == "mobile-digits":
         return digits_task("MobileDigitsNet", seed, args.calib)
+    if name == "res-digits":
+        return digits_task("ResDigitsNet", seed, args.calib)
     if name == "mobilenet_v2":
         return mobilenet_task(args.size, args.calib * 8, args.test_views)
     if name == "minilm":

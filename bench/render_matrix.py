@@ -19,10 +19,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- quality_matrix:begin -->", "<!-- quality_matrix:end -->"
 GOAL_ONE_SHOT, GOAL_RECOVERED = 3.0, 0.0
-ORDER = ("digits", "mobile-digits", "mobilenet_v2", "minilm")
+ORDER = ("digits", "mobile-digits", "res-digits", "mobilenet_v2", "minilm")
 DATA_KEYS = {
     "digits": ("test_images",),
     "mobile-digits": ("test_images",),
+    "res-digits": ("test_images",),
     "mobilenet_v2": ("size", "train_photos", "val_photos", "test_photos", "test_views"),
     "minilm": ("seq", "test_sentences"),
 }
