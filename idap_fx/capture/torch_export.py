@@ -41,6 +41,21 @@ def _constants_as_buffers(gm: fx.GraphModule) -> None:
             owner.register_buffer(attr, value)
 
 
+def _views_as_reshapes(gm: fx.GraphModule) -> None:
+    """``aten.view`` becomes ``aten.reshape`` (same values; a copy only where a view cannot be had).
+
+    An exported ``view`` after a ``transpose`` is valid only for the strides seen at export time: after
+    pruning, an attention whose value heads lost channels returns another layout and the view failed
+    ("view size is not compatible with input tensor's size and stride"). The graph is functional, so no
+    op depends on the aliasing.
+    """
+    views = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.view.default]
+    for node in views:
+        node.target = torch.ops.aten.reshape.default
+    if views:
+        gm.recompile()
+
+
 def from_exported(program: Any, example_inputs: Any = None) -> fx.GraphModule:
     """A new GraphModule with shapes from a ``torch.export.ExportedProgram`` or its ``.module()``.
 
@@ -69,6 +84,7 @@ def from_exported(program: Any, example_inputs: Any = None) -> fx.GraphModule:
             raise TraceError(f"example input {i} is a {type(x).__name__}, not a tensor")
     _constants_as_buffers(gm)
     fold_constants(gm)
+    _views_as_reshapes(gm)
     record_shapes(gm, inputs)
     for node in gm.graph.nodes:
         if (

@@ -1,4 +1,4 @@
-"""Matrix products with a weight passed as a tensor: ``F.linear`` and ``addmm``.
+"""Matrix products with a weight passed as a tensor: ``F.linear``, ``addmm`` and grouped products.
 
 These appear where a layer's weight is read as a plain attribute rather than through an
 ``nn.Linear`` call: Hugging Face's ``Conv1D`` (GPT-2: ``addmm(b, x, W)`` with ``W`` of
@@ -6,6 +6,10 @@ shape in x out) and every ``torch.export`` graph (``aten.linear`` / ``aten.addmm
 weight's dims are parameter spaces (``get_attr``); the contraction couples the input's
 last dim with the weight's input dim, the output carries the weight's output dim and the
 bias's. The reduced input is masked through an input mask (the mask oracle's zeroing).
+Mixture-of-Experts layers in transformers 5 run all experts as one grouped product of the tokens
+(sorted by expert) with a stacked (experts × in × out) weight: the same contraction per expert,
+so position ``j`` of every expert's width is one unit; the experts dim itself never shrinks
+(the routing and the per-expert offsets count experts).
 """
 
 from __future__ import annotations
@@ -59,3 +63,33 @@ def _linear_fn(ctx, node: fx.Node) -> Layout:
 def _addmm(ctx, node: fx.Node) -> Layout:
     """``addmm(b, x, W)`` = ``b + x @ W``: ``W`` is in x out."""
     return contract(ctx, node, 1, node.args[2], 0, node.args[0])
+
+
+def _grouped_mm(ctx, node: fx.Node) -> Layout:
+    """``grouped_mm(x, W, offs)``: rows of ``x`` (S x K, sorted by expert) times ``W[e]`` (E x K x N)."""
+    x, w = node.args[0], _arg(node, 1, "mat2")
+    sx, sw, out = ctx.shape(x), ctx.shape(w), ctx.shape(node)
+    if len(sx) != 2 or len(sw) != 3:
+        raise ValueError("not a 2-D by 3-D grouped product")
+    lay_w = ctx.layout(w)
+    experts = [ax for ax in lay_w.axes if 0 in ax.dims]
+    for ax in experts:
+        ctx.coupling.freeze(ax.ids, f"{node.name}: experts (the routing counts them)")
+    lay_w = Layout(3, tuple(ax for ax in lay_w.axes if 0 not in ax.dims))
+    lay_x = ctx.layout(x)
+    operands = [Operand(lay_x, sx, {0: 0, 1: "K"}), Operand(lay_w, sw, {0: "E", 1: "K", 2: 1})]
+    axes = merge(ctx.coupling, node.name, operands, ["K", "E"])
+    out_ids = ctx.coupling.new_space(node.name, out[-1])  # each expert's output channels, as a layer's
+    for m in axes:
+        if m.labels == (1,):
+            ctx.coupling.union(out_ids, m.ids, node.name)
+    if (k_axis := lay_x.axis_of(1)) is not None:
+        ctx.coupling.input_mask(node.name, 0, k_axis.dims, k_axis.ids)
+    return to_layout(2, axes, {0: 0, 1: 1})
+
+
+register(torch.ops.aten._grouped_mm.default, "torch._ops.transformers.transformers::grouped_mm_fallback")(
+    _grouped_mm
+)
+if hasattr(F, "grouped_mm"):
+    register(F.grouped_mm)(_grouped_mm)
