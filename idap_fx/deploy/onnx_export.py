@@ -277,7 +277,8 @@ def export_onnx(
     (``calibration``, ``keep_fp32``, ``max_deviation``, ``evaluate``, ``latency``, ``activations``).
 
     ``exporter="auto"`` uses the TorchScript-based exporter, or the dynamo one for
-    graphs of ATen ops (from ``torch.export``); ``ExportReport.exporter`` says which ran.
+    graphs of ATen ops (from ``torch.export``) and where the TorchScript one fails;
+    ``ExportReport.exporter`` says which ran.
 
     Raises ``ExportError`` (directory missing/read-only: before exporting; exporter,
     checker or onnxruntime failure) or ``ParityError`` (relative error above ``rtol``).
@@ -297,23 +298,22 @@ def export_onnx(
     start = time.perf_counter()
     if exporter not in ("auto", "torchscript", "dynamo"):
         raise ExportError(f"unknown exporter {exporter!r}; use 'auto', 'torchscript' or 'dynamo'")
-    if exporter == "auto":
+    auto = exporter == "auto"
+    if auto:
         exporter = "dynamo" if _has_aten_ops(gm) else "torchscript"
     inputs = _as_inputs(example_inputs)
     with atomic_output(path) as tmp:
         model, bn_folded = _prepare(gm, inputs, fold_bn)
         cases = _reference_cases(model, inputs, dynamic_batch)
         expected = cases[0][1]
-        _export(
-            model,
-            inputs,
-            len(expected),
-            [e.ndim for e in expected],
-            tmp,
-            exporter=exporter,
-            opset=opset,
-            dynamic_batch=dynamic_batch,
-        )
+        shape = (model, inputs, len(expected), [e.ndim for e in expected], tmp)
+        try:
+            _export(*shape, exporter=exporter, opset=opset, dynamic_batch=dynamic_batch)
+        except ExportError:
+            if not auto or exporter == "dynamo":
+                raise
+            exporter = "dynamo"  # ops the TorchScript exporter lacks (sdpa's enable_gqa): the other one
+            _export(*shape, exporter=exporter, opset=opset, dynamic_batch=dynamic_batch)
         slim_status = _slim(tmp, slim)
         max_abs, max_rel = _verify(tmp, path, cases, rtol)
         proto = onnx.load(tmp, load_external_data=False)

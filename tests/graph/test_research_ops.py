@@ -6,6 +6,8 @@ pruning stays exact (prune == mask oracle) and freezes or marks inexact where it
 
 from __future__ import annotations
 
+import tempfile
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -503,3 +505,46 @@ def test_a_flat_key_read_by_every_query_head_is_pinned(capture: str) -> None:
         assert pruned.state_dict()["c_attn.weight"].shape == ((4 - len(plan[heads.id])) * 2 + 4, 8)
         with torch.no_grad():
             assert rel_err(pruned(x), masked(x)) <= 1e-5 and rel_err(pruned(x), gm(x)) > 1e-3
+
+
+class NativeGQA(nn.Module):
+    """Grouped-query attention left to ``F.scaled_dot_product_attention(..., enable_gqa=True)`` (4 query
+    heads, 2 key / value heads; no ``repeat_kv`` in the graph): the rule declined on the mismatched heads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (
+            nn.Linear(16, 16),
+            nn.Linear(16, 8),
+            nn.Linear(16, 8),
+            nn.Linear(16, 16),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, 4, 4).transpose(1, 2)
+        k, v = (p(x).view(b, t, 2, 4).transpose(1, 2) for p in (self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return self.o(y.transpose(1, 2).reshape(b, t, 16))
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_sdpa_enable_gqa_keeps_a_key_value_head_with_its_query_heads(capture: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    gm = _capture(NativeGQA().eval(), x, capture)
+    dg = idap_fx.analyze(gm)
+    assert not dg.boundaries
+    heads = _group(dg, "q.weight", 0)
+    assert heads.prunable and heads.exact and heads.size == 2  # a key / value head with its 2 query heads
+    assert _group(dg, "k.weight", 0) is heads and _group(dg, "v.weight", 0) is heads
+    pruned, masked = idap_fx.prune(gm, {heads.id: [0]}, dg), idap_fx.mask(gm, {heads.id: [0]}, dg)
+    assert pruned.state_dict()["q.weight"].shape == (8, 16) and pruned.state_dict()["k.weight"].shape == (
+        4,
+        16,
+    )
+    with torch.no_grad():
+        assert rel_err(pruned(x), masked(x)) <= 1e-5 and rel_err(pruned(x), gm(x)) > 1e-3
+    with tempfile.TemporaryDirectory() as d:  # the TorchScript exporter lacks enable_gqa: auto takes dynamo
+        report = idap_fx.export_onnx(pruned, x, f"{d}/gqa.onnx", dynamic_batch=capture == "fx")
+        assert report.exporter == "dynamo" and report.max_rel_error <= 1e-4

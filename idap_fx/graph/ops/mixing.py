@@ -14,6 +14,7 @@ import operator
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -227,6 +228,17 @@ def _baddbmm(ctx, node: fx.Node) -> Layout:
     return to_layout(nd, merge(ctx.coupling, node.name, operands, ["K"]), {d: d for d in range(nd)})
 
 
+def _repeat_heads(lay: Layout, shape: tuple[int, ...], heads: int) -> tuple[Layout, tuple[int, ...]]:
+    """``lay`` / ``shape`` with the heads dim (third from last) copied up to ``heads``, each head in place
+    ``heads // shape[-3]`` times (``sdpa(..., enable_gqa=True)``'s ``repeat_interleave``)."""
+    dim, n_rep = len(shape) - 3, heads // shape[-3]
+    axes = tuple(
+        Axis(ax.dims, np.repeat(ax.ids, n_rep, axis=ax.dims.index(dim)), ax.free) if dim in ax.dims else ax
+        for ax in lay.axes
+    )
+    return Layout(lay.ndim, axes), (*shape[:dim], heads, *shape[dim + 1 :])
+
+
 @register(F.scaled_dot_product_attention)
 def _sdpa(ctx, node: fx.Node) -> Layout:
     q, k, v = (arg(node, i, name) for i, name in enumerate(("query", "key", "value")))  # ALBERT: by keyword
@@ -235,10 +247,13 @@ def _sdpa(ctx, node: fx.Node) -> Layout:
     lq = {d: d for d in range(nd - 2)} | {nd - 2: nd - 2, nd - 1: "E"}
     lk = {d: d for d in range(nd - 2)} | {nd - 2: "S", nd - 1: "E"}
     lv = {d: d for d in range(nd - 2)} | {nd - 2: "S", nd - 1: nd - 1}
-    lay_q = ctx.layout(q)
+    lay_q, lay_k, lay_v = ctx.layout(q), ctx.layout(k), ctx.layout(v)
     if (ax := lay_q.axis_of(nd - 1)) is not None and ax.dims == (nd - 1,):
         raise ValueError("head_dim itself is prunable; it sets the softmax scale")
-    operands = [Operand(lay_q, sq, lq), Operand(ctx.layout(k), sk, lk), Operand(ctx.layout(v), sv, lv)]
+    if arg(node, 7, "enable_gqa") and nd >= 3 and sk[-3] != sq[-3]:
+        # each key / value head serves the next sq / sk query heads: a unit is it with them
+        (lay_k, sk), (lay_v, sv) = _repeat_heads(lay_k, sk, sq[-3]), _repeat_heads(lay_v, sv, sq[-3])
+    operands = [Operand(lay_q, sq, lq), Operand(lay_k, sk, lk), Operand(lay_v, sv, lv)]
     mask = arg(node, 3, "attn_mask")
     # an additive bias per head (BEiT's relative positions) couples to the heads (or pins them)
     if isinstance(mask, fx.Node):
