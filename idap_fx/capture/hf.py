@@ -30,6 +30,7 @@ import torch
 from torch import fx, nn
 
 from idap_fx.capture.constants import fold_constants
+from idap_fx.capture.positional import positional_arguments
 from idap_fx.capture.trace import record_shapes
 from idap_fx.errors import TraceError
 
@@ -170,6 +171,7 @@ def trace_hf(
             "idap_fx.capture.torch_export.from_exported"
         ) from exc
     gm = fx.GraphModule(copied, graph, class_name=type(model).__name__)
+    positional_arguments(gm)
     record_shapes(gm, inputs)
     fold_constants(gm)
     normalize_sizes(gm)

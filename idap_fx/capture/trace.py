@@ -17,6 +17,7 @@ import torch
 from torch import fx, nn
 
 from idap_fx.capture.constants import fold_constants
+from idap_fx.capture.positional import positional_arguments
 from idap_fx.capture.shapes import as_tuple, record_shapes
 from idap_fx.errors import TraceError
 
@@ -201,6 +202,7 @@ def trace(
             ) from exc
         _check_state_kept(copied, state)
         gm = fx.GraphModule(copied, graph, class_name=type(model).__name__)
+    positional_arguments(gm)
     # clones: an in-place op on an input is refused after it ran, the caller's tensors stay intact
     record_shapes(gm, tuple(x.clone() for x in inputs), watch=True)
     fold_constants(gm)

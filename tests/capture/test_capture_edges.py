@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import random_plan, rel_err
 from torch import nn
 
@@ -199,3 +200,41 @@ def test_fx_capture_folds_constant_arange_but_not_one_sized_by_the_input() -> No
     with torch.no_grad():
         for inp in (x, longer):
             assert rel_err(pruned(inp), masked(inp)) <= 1e-5 and rel_err(pruned(inp), model(inp)) > 1e-3
+
+
+class KeywordCalls(nn.Module):
+    """Torch functions called with keyword operands, as research and Hugging Face code writes them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.bn = (
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(16),
+        )
+        self.w, self.b = nn.Parameter(torch.randn(12, 16) / 4), nn.Parameter(torch.randn(12))
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat(tensors=[self.c1(x), self.c2(x)], dim=1)
+        y = torch.flatten(input=F.adaptive_avg_pool2d(input=F.relu(self.bn(y)), output_size=1), start_dim=1)
+        y = F.linear(input=y, weight=self.w, bias=self.b)
+        y = torch.add(input=y, other=torch.mul(input=y, other=0.5))
+        return self.head(torch.matmul(input=y.unsqueeze(1), other=torch.eye(12)).squeeze(1))
+
+
+def test_keyword_operands_of_torch_functions_are_moved_to_their_positions() -> None:
+    """``flatten(input=...)``, ``F.linear(input=..., weight=...)`` and ``matmul(input=..., other=...)`` left
+    their rules declining (they read operands by position): every channel froze. Capture now rewrites such
+    calls in positional form from torch's schemas; the groups are prunable and prune == mask."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    gm = idap_fx.trace(KeywordCalls().eval(), x)
+    assert not any(n.kwargs.get("input") is not None for n in gm.graph.nodes if n.op == "call_function")
+    dg = idap_fx.analyze(gm)
+    assert not dg.boundaries
+    assert {g.id for g in dg.prunable} >= {"c1", "w:dim0"}
+    plan = {g: i for g, i in random_plan(dg, 0.4, seed=1).items() if dg.group(g).exact}
+    with torch.no_grad():
+        pruned, masked = idap_fx.prune(gm, plan, dg), idap_fx.mask(gm, plan, dg)
+        assert rel_err(pruned(x), masked(x)) <= 1e-5 and rel_err(pruned(x), gm(x)) > 1e-3
