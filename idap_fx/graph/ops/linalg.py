@@ -37,14 +37,18 @@ def contract(ctx, node: fx.Node, x_index: int, w: fx.Node, w_in_dim: int, bias: 
     if isinstance(bias, fx.Node):
         sb = ctx.shape(bias)
         operands.append(Operand(ctx.layout(bias), sb, {d: nd - len(sb) + d for d in range(len(sb))}))
-    axes = merge(ctx.coupling, node.name, operands, ["K"])
-    # the product opens the output channels (as nn.Linear does), coupled with the weight's output dim
-    out_ids = ctx.coupling.new_space(node.name, out[-1])
+    return _product(ctx, node, x_index, lay_x, merge(ctx.coupling, node.name, operands, ["K"]))
+
+
+def _product(ctx, node: fx.Node, x_index: int, lay_x: Layout, axes: list) -> Layout:
+    """The output of a product with a weight: it opens the output channels (as ``nn.Linear`` does),
+    coupled with the weight's output dim, and the reduced input is masked (the mask oracle's zeroing)."""
+    nd = len(ctx.shape(node))
+    out_ids = ctx.coupling.new_space(node.name, ctx.shape(node)[-1])
     for m in axes:
         if m.labels == (nd - 1,):
             ctx.coupling.union(out_ids, m.ids, node.name)
-    k_axis = lay_x.axis_of(len(sx) - 1)
-    if k_axis is not None:
+    if (k_axis := lay_x.axis_of(lay_x.ndim - 1)) is not None:
         ctx.coupling.input_mask(node.name, x_index, k_axis.dims, k_axis.ids)
     return to_layout(nd, axes, {d: d for d in range(nd)})
 
@@ -68,7 +72,7 @@ def _addmm(ctx, node: fx.Node) -> Layout:
 def _grouped_mm(ctx, node: fx.Node) -> Layout:
     """``grouped_mm(x, W, offs)``: rows of ``x`` (S x K, sorted by expert) times ``W[e]`` (E x K x N)."""
     x, w = node.args[0], _arg(node, 1, "mat2")
-    sx, sw, out = ctx.shape(x), ctx.shape(w), ctx.shape(node)
+    sx, sw = ctx.shape(x), ctx.shape(w)
     if len(sx) != 2 or len(sw) != 3:
         raise ValueError("not a 2-D by 3-D grouped product")
     lay_w = ctx.layout(w)
@@ -78,14 +82,7 @@ def _grouped_mm(ctx, node: fx.Node) -> Layout:
     lay_w = Layout(3, tuple(ax for ax in lay_w.axes if 0 not in ax.dims))
     lay_x = ctx.layout(x)
     operands = [Operand(lay_x, sx, {0: 0, 1: "K"}), Operand(lay_w, sw, {0: "E", 1: "K", 2: 1})]
-    axes = merge(ctx.coupling, node.name, operands, ["K", "E"])
-    out_ids = ctx.coupling.new_space(node.name, out[-1])  # each expert's output channels, as a layer's
-    for m in axes:
-        if m.labels == (1,):
-            ctx.coupling.union(out_ids, m.ids, node.name)
-    if (k_axis := lay_x.axis_of(1)) is not None:
-        ctx.coupling.input_mask(node.name, 0, k_axis.dims, k_axis.ids)
-    return to_layout(2, axes, {0: 0, 1: 1})
+    return _product(ctx, node, 0, lay_x, merge(ctx.coupling, node.name, operands, ["K", "E"]))
 
 
 register(torch.ops.aten._grouped_mm.default, "torch._ops.transformers.transformers::grouped_mm_fallback")(
